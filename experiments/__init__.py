@@ -1,0 +1,1 @@
+"""Runnable studies (loss spikes vs AdamW, ablation sweeps, scaling ladders)."""

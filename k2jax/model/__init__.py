@@ -1,0 +1,6 @@
+"""The Kimi-K2 / DeepSeek-V3 style MoE transformer (Flax NNX)."""
+
+from k2jax.model.loss import cross_entropy
+from k2jax.model.transformer import Block, Transformer
+
+__all__ = ["Block", "Transformer", "cross_entropy"]

@@ -1,0 +1,93 @@
+"""Device mesh and the one table that maps logical parameter axes to mesh axes.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with
+parameters sharded, ZeRO-3 style), ``expert`` (expert parallel), ``tensor``
+(Megatron-style head / hidden sharding). A new parallelism layout is a new
+rules table, never new model code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "moe_mlp": "tensor",
+    "expert": "expert",
+    "q_lora": None,
+    "kv_lora": None,
+    "qk_head": None,
+    "kv_head": None,
+    "v_head": None,
+    "norm": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1,
+              devices=None) -> Mesh:
+    """A mesh over ``devices`` (default: all); one size may be -1 = the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, expert, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                         f"devices, have {len(devices)}")
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for a leaf with logical ``axes``; a mesh axis that does not divide
+    its dimension, or is already used by an earlier dimension, is dropped (replicated)."""
+    rules = RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule (add it to RULES)")
+        target = rules.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        keep = []
+        for ax in targets:
+            size = mesh.shape[ax]
+            if ax not in used and dim % (size * math.prod(mesh.shape[a] for a in keep)) == 0:
+                keep.append(ax)
+        used.update(keep)
+        spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
+    """NamedShardings for every variable of ``state`` from its ``axes`` metadata."""
+
+    def one(var):
+        axes = var.get_metadata().get("axes")
+        spec = P() if axes is None else logical_to_spec(axes, var.shape, mesh, rules)
+        return var.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:
+    """Batch-major arrays [B, ...]: B over the data-parallel axes."""
+    rules = RULES if rules is None else rules
+    return NamedSharding(mesh, P(rules["batch"], *([None] * (ndim - 1))))
