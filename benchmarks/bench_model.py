@@ -50,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--section", choices=["all", "throughput", "experts"], default="all")
+    ap.add_argument("--impls", nargs="+", default=["blocked", "ragged", "dense"],
+                    choices=["blocked", "ragged", "dense"])
     args = ap.parse_args(argv)
     tokens = args.batch * args.seq
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
@@ -57,7 +59,7 @@ def main(argv=None):
     if args.section in ("all", "throughput"):
         print("\n| preset | moe_impl | total params | active params | fwd+bwd s | tokens/s |")
         print("|---|---|---|---|---|---|")
-        for impl in ("blocked", "ragged"):
+        for impl in [i for i in args.impls if i != "dense"]:
             cfg = config.preset(args.preset, f"moe_impl={impl}")
             total, active = params.count(cfg)
             s = time_fwd_bwd(cfg, args.batch, args.seq, args.iters)
@@ -66,7 +68,7 @@ def main(argv=None):
     if args.section in ("all", "experts"):
         print("\n| routed experts | top-k | moe_impl | total params | fwd+bwd s | tokens/s |")
         print("|---|---|---|---|---|---|")
-        for impl in ("blocked", "ragged", "dense"):
+        for impl in args.impls:
             for e in (8, 64):
                 cfg = config.preset(args.preset, f"n_routed_experts={e}", f"moe_impl={impl}")
                 s = time_fwd_bwd(cfg, args.batch, args.seq, args.iters)
