@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 
 from k2jax.config import ModelConfig
+from optim.partition import ADAMW, MatrixDims, Partition
 
 EXPERT_STACKS = ("w_gate", "w_up", "w_down")  # [E, ...] routed-expert weights in MoE layers
 
@@ -49,6 +50,30 @@ def count(cfg: ModelConfig) -> tuple[int, int]:
         active += (size // cfg.n_routed_experts * cfg.num_experts_per_tok
                    if is_expert_stack(path) else size)
     return total, active
+
+
+# The one place that says which parameters Muon owns and how each is a batch of matrices
+# (Kimi K2 §2.1 / Moonlight §2: Muon for hidden matrices; AdamW for embeddings, head,
+# norms, router). Every model leaf must match a rule; an unmatched one is an error.
+MUON_RULES = Partition(rules=(
+    (r"embed|lm_head", ADAMW),
+    (r".*\.moe\.router", ADAMW),
+    (r".*norm\.scale", ADAMW),
+    # routed experts [E, in, out]: E separate matrices
+    (r".*\.moe\.(w_gate|w_up|w_down)", MatrixDims(fan_in=(1,), fan_out=(2,), batch=(0,))),
+    # per-head projections [in, heads, head_dim]: one in x (heads*head_dim) matrix
+    (r".*\.attn\.(q_b|q_proj|k_proj|v_proj|kv_b)", MatrixDims(fan_in=(0,), fan_out=(1, 2))),
+    # output projection [heads, head_dim, D]: one (heads*head_dim) x D matrix
+    (r".*\.attn\.o", MatrixDims(fan_in=(0, 1), fan_out=(2,))),
+    (r".*\.attn\.(q_a|kv_a)", MatrixDims()),
+    (r".*\.(mlp|shared)\.(gate|up|down)", MatrixDims()),
+))
+
+
+def partition(cfg: ModelConfig | None = None) -> Partition:
+    """The Muon / AdamW partition of the model's parameters (config-independent today)."""
+    del cfg
+    return MUON_RULES
 
 
 def tree_bytes(tree) -> int:

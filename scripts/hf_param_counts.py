@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {name: count(cfg) for name, cfg in MODELS.items()}
     if args.json:
-        out = {k: {kk: vv for kk, vv in v.items() if kk != "buffers_sample"} for k, v in results.items()}
+        out = {k: {kk: vv for kk, vv in v.items() if kk != "buffers_sample"}
+               for k, v in results.items()}
         out["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
         print(json.dumps(out, indent=2))
         return 0
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         print("active params       : %d" % r["active"])
         print("one routed expert   : %d" % r["routed_expert_params"])
         print("dense / MoE layers  : %d / %d" % (r["n_dense_layers"], r["n_moe_layers"]))
-        print("excluded buffer e_score_correction_bias elems: %d" % r["e_score_correction_bias_buffer_elems"])
+        print("excluded buffer e_score_correction_bias elems: %d"
+              % r["e_score_correction_bias_buffer_elems"])
         print("buffers (non-layer + first MoE layer): %s" % r["buffers_sample"])
 
     cfg = MODELS[args.list_model]

@@ -26,6 +26,7 @@ from flax import nnx
 from k2jax.config import ModelConfig
 from k2jax.model import rope
 from k2jax.model.layers import RMSNorm, dtypes, param
+from optim.qk_clip import ClipTarget, QKLayout
 
 
 def causal_attention(logits_BHTS, v_BSHV, dtype):
@@ -153,3 +154,31 @@ class MHA(nnx.Module):
 
 def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> MLA | MHA:
     return MLA(cfg, rngs=rngs) if cfg.attention == "mla" else MHA(cfg, rngs=rngs)
+
+
+def qk_layout(cfg: ModelConfig) -> QKLayout:
+    """Where QK-Clip finds each layer's per-head query/key slices (see optim.qk_clip).
+
+    MLA: q_b (or q_proj) [.., H, nope+rope]: no-RoPE part ×√γ, RoPE part ×γ;
+    kv_b [.., H, nope+v]: no-RoPE key part ×√γ, values untouched; the shared RoPE
+    key in kv_a untouched. MHA: q_proj and k_proj ×√γ. GQA: q_proj ×γ, keys untouched.
+    """
+    if cfg.qk_norm:
+        raise ValueError("qk_layout: qk_norm=True normalises q and k, so scaling their "
+                         "weights cannot clip logits; use QK-Clip or qk_norm, not both")
+    targets = []
+    for layer in range(cfg.num_hidden_layers):
+        pre = f"layers.{layer}.attn."
+        if cfg.attention == "mla":
+            nope, rdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+            q_name = "q_b" if cfg.q_lora_rank else "q_proj"
+            targets.append(ClipTarget(pre + q_name, layer, 1,
+                                      ((0, nope, 0.5), (nope, nope + rdim, 1.0))))
+            targets.append(ClipTarget(pre + "kv_b", layer, 1, ((0, nope, 0.5),)))
+        elif cfg.kv_heads == cfg.num_attention_heads:
+            hd = cfg.mha_head_dim
+            targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, hd, 0.5),)))
+            targets.append(ClipTarget(pre + "k_proj", layer, 1, ((0, hd, 0.5),)))
+        else:
+            targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, cfg.mha_head_dim, 1.0),)))
+    return QKLayout(cfg.num_hidden_layers, cfg.num_attention_heads, tuple(targets))

@@ -1,0 +1,193 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optim
+from k2jax import config, params, sharding
+from k2jax.model import Transformer, qk_layout
+from optim.qk_clip import find_state, stats
+
+VARIANTS = {
+    "mla": ("tiny",),
+    "mla-no-q-lora": ("tiny", "q_lora_rank=None"),
+    "mha": ("tiny", "attention=mha"),
+    "gqa": ("tiny", "attention=mha", "num_key_value_heads=2"),
+}
+
+
+def _setup(variant, seed=0):
+    cfg = config.preset(*VARIANTS[variant], "initializer_range=0.15")
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jax.random.randint(jax.random.key(seed), (2, 16), 0, cfg.vocab_size)
+
+    def max_logits(p, inputs_from=None):
+        """Per-layer max logits of ``p``'s attention; with ``inputs_from``, each layer is fed
+        the input it had under those params (a clip of layer 0 changes layer 1's input, so
+        "the same batch" means the same per-layer inputs)."""
+        if inputs_from is None:
+            return nnx.merge(graphdef, p, rest)(tokens)[1]["attn_max_logits"]
+        old, new = nnx.merge(graphdef, inputs_from, rest), nnx.merge(graphdef, p, rest)
+        x = jnp.take(old.embed[...], tokens, axis=0)
+        out = []
+        for old_block, new_block in zip(old.layers, new.layers):
+            out.append(new_block.attn(old_block.attn_norm(x))[1])
+            x = old_block(x)[0]
+        return jnp.stack(out)
+
+    return cfg, p, max_logits
+
+
+def _zero_step(tx, p, s):
+    zeros = jax.tree.map(jnp.zeros_like, p)
+    u, state = tx.update(zeros, tx.init(p), p, attn_max_logits=s)
+    return optax.apply_updates(p, u), state
+
+
+@pytest.mark.parametrize("kind", ["muon", "adamw"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_clip_caps_max_logits_at_tau_and_leaves_other_heads(variant, kind):
+    """Zero gradients and weight decay: the update is the clip alone. On the same batch
+    every head's max logit becomes min(S_h, τ), and heads at or below τ keep every bit."""
+    cfg, p, max_logits = _setup(variant)
+    s = max_logits(p)
+    tau = float(jnp.median(s))
+    assert bool((s > tau).any()) and bool((s <= tau).any())
+    layout = qk_layout(cfg)
+    tx = optim.build(kind, 1e-2, weight_decay=0.0, partition=params.partition(cfg),
+                     qk_layout=layout, tau=tau)
+    new_p, state = _zero_step(tx, p, s)
+    np.testing.assert_allclose(max_logits(new_p, inputs_from=p), jnp.minimum(s, tau), rtol=2e-5)
+
+    clipped = np.asarray(s > tau)
+    targets = layout.by_path()
+    for path, old in optim.partition.leaves_with_paths(p):
+        new = dict(optim.partition.leaves_with_paths(new_p))[path]
+        t = targets.get(path)
+        if t is None:
+            np.testing.assert_array_equal(new, old, err_msg=path)
+            continue
+        assert new.shape[t.head_axis] == cfg.num_attention_heads
+        for h in range(cfg.num_attention_heads):
+            same = np.array_equal(np.take(np.asarray(new), h, t.head_axis),
+                                  np.take(np.asarray(old), h, t.head_axis))
+            assert same == (not clipped[t.layer, h]), (path, h)
+    clip_state = find_state(state)
+    np.testing.assert_array_equal(clip_state.clipped, clipped)
+    st = stats(clip_state)
+    np.testing.assert_array_equal(st["qk_clip/heads_clipped_per_layer"], clipped.sum(-1))
+    assert float(st["qk_clip/min_gamma"]) == pytest.approx(tau / float(s.max()), rel=1e-6)
+
+
+def test_mla_rope_key_untouched_and_value_slices_untouched():
+    cfg, p, max_logits = _setup("mla")
+    s = max_logits(p)
+    tau = float(s.min()) / 2  # every head clipped
+    new_p, _ = _zero_step(optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=tau,
+                                         weight_decay=0.0, partition=params.partition(cfg)), p, s)
+    nope = cfg.qk_nope_head_dim
+    for layer in range(cfg.num_hidden_layers):
+        old, new = p["layers"][layer]["attn"], new_p["layers"][layer]["attn"]
+        np.testing.assert_array_equal(new["kv_a"][...], old["kv_a"][...])  # shared RoPE key
+        np.testing.assert_array_equal(new["kv_b"][...][..., nope:], old["kv_b"][...][..., nope:])
+        g = np.asarray(tau / s[layer])
+        np.testing.assert_allclose(new["q_b"][...][..., nope:], old["q_b"][...][..., nope:]
+                                   * g[None, :, None], rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(new["q_b"][...][..., :nope], old["q_b"][...][..., :nope]
+                                   * np.sqrt(g)[None, :, None], rtol=1e-5, atol=1e-8)
+
+
+def test_monitor_only_changes_nothing_but_records():
+    cfg, p, max_logits = _setup("mla")
+    s = max_logits(p)
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=float(jnp.median(s)),
+                        weight_decay=0.0, partition=params.partition(cfg), monitor_only=True)
+    new_p, state = _zero_step(tx, p, s)
+    for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(p)):
+        np.testing.assert_array_equal(a, b)
+    assert int(find_state(state).clipped.sum()) > 0
+
+
+def test_monitor_only_equals_plain_muon_with_gradients():
+    cfg, p, max_logits = _setup("mla")
+    s = max_logits(p)
+    grads = jax.tree.map(lambda x: jnp.cos(x * 7.0), p)
+    kw = dict(weight_decay=0.1, partition=params.partition(cfg))
+    u1, _ = (tx := optim.muon(1e-2, **kw)).update(grads, tx.init(p), p)
+    tx2 = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=1.0, monitor_only=True, **kw)
+    u2, _ = tx2.update(grads, tx2.init(p), p, attn_max_logits=s)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_and_non_positive_logits_never_nan():
+    cfg, p, max_logits = _setup("mla")
+    s = max_logits(p)
+    bad = s.at[0, 0].set(jnp.nan).at[0, 1].set(jnp.inf).at[1, 0].set(-5.0).at[1, 1].set(0.0)
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=0.5, weight_decay=0.0,
+                        partition=params.partition(cfg))
+    new_p, state = _zero_step(tx, p, bad)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(new_p))
+    clipped = np.asarray(find_state(state).clipped)
+    assert not clipped[0, 0] and not clipped[0, 1] and not clipped[1, 0] and not clipped[1, 1]
+    q_old, q_new = p["layers"][0]["attn"]["q_b"][...], new_p["layers"][0]["attn"]["q_b"][...]
+    np.testing.assert_array_equal(q_new[:, :2], q_old[:, :2])
+
+
+def test_layout_errors():
+    cfg = config.preset("tiny")
+    with pytest.raises(ValueError, match="qk_norm"):
+        qk_layout(config.override(cfg, ["qk_norm=true"]))
+    other = config.preset("tiny", "num_hidden_layers=3")
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(other), partition=params.partition(cfg))
+    p = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match="layout paths not in the parameter tree"):
+        tx.init(p)
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), partition=params.partition(cfg))
+    with pytest.raises(ValueError, match="attn_max_logits"):
+        tx.update(p, tx.init(p), p)
+
+
+def test_sharded_update_equals_unsharded():
+    """Two MuonClip steps with real gradients, params and optimizer state sharded over
+    (data 2, fsdp 2, expert 2), equal the single-device steps."""
+    cfg = config.preset("tiny", "initializer_range=0.15")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, cfg.vocab_size)
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=2.0,
+                        partition=params.partition(cfg))
+
+    def step(p, opt_state, tokens):
+        def loss(p):
+            logits, aux = nnx.merge(graphdef, p, rest)(tokens)
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits[:, :-1], tokens[:, 1:]).mean(), aux
+        (_, aux), g = jax.value_and_grad(loss, has_aux=True)(p)
+        u, opt_state = tx.update(g, opt_state, p, attn_max_logits=aux["attn_max_logits"])
+        return optax.apply_updates(p, u), opt_state
+
+    def run(p, tokens, jitted):
+        s = tx.init(p)
+        for _ in range(2):
+            p, s = jitted(p, s, tokens)
+        return p, s
+
+    p_ref, s_ref = run(p, tokens, jax.jit(step))
+    assert int(find_state(s_ref).times_clipped.sum()) > 0
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, expert=2)
+    p_shard = sharding.state_shardings(p, mesh)
+    p_s = jax.device_put(p, p_shard)
+    t_s = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    p_out, s_out = run(p_s, t_s, jax.jit(step))
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(p_out))
+    # Newton-Schulz amplifies float32 reduction-order differences along small singular
+    # directions, so the tolerance is set against the update size (lr·0.2·2 steps = 4e-3).
+    for a, b in zip(jax.tree.leaves(p_out), jax.tree.leaves(p_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=4e-5)
+    np.testing.assert_array_equal(find_state(s_out).times_clipped,
+                                  find_state(s_ref).times_clipped)
