@@ -31,15 +31,17 @@ class YarnConfig:
 
     ``factor`` is the context-extension ratio s; ``beta_fast`` / ``beta_slow``
     bound the interpolation ramp in rotations-per-original-context; ``mscale``
-    and ``mscale_all_dim`` set the attention temperature 0.1·m·ln(s) + 1.
+    and ``mscale_all_dim`` set the attention temperature 0.1·m·ln(s) + 1. As in
+    transformers, 0 means "not given": with ``mscale_all_dim`` unset the softmax
+    scale is plain and cos/sin carry the temperature instead (see model/rope.py).
     """
 
     factor: float = 1.0
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
 
     def __post_init__(self):
         _check(self.factor >= 1.0, "rope_scaling.factor", self.factor, "must be >= 1")
@@ -48,6 +50,8 @@ class YarnConfig:
                self.original_max_position_embeddings, "must be positive")
         _check(self.beta_fast > 0 and self.beta_slow > 0, "rope_scaling.beta_fast",
                self.beta_fast, "beta_fast and beta_slow must be positive")
+        _check(self.mscale >= 0 and self.mscale_all_dim >= 0, "rope_scaling.mscale",
+               self.mscale, "mscale and mscale_all_dim must be >= 0 (0 = not given)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +93,7 @@ class ModelConfig:
     norm_topk_prob: bool = True
     router_bias_update_rate: float = 1e-3  # DeepSeek-V3's gamma, aux-loss-free balancing
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DeepSeek-V3 eq. 17)
-    moe_impl: Literal["blocked", "ragged", "dense"] = "blocked"
+    moe_impl: Literal["auto", "blocked", "ragged", "dense"] = "auto"
     moe_block_size: int = 0  # rows per expert block in "blocked"; 0 = auto
     # numerics
     rms_norm_eps: float = 1e-6
@@ -112,8 +116,8 @@ class ModelConfig:
                "must be >= 0")
         _check(self.attention in ("mla", "mha"), "attention", self.attention,
                "must be 'mla' or 'mha'")
-        _check(self.moe_impl in ("blocked", "ragged", "dense"), "moe_impl", self.moe_impl,
-               "must be 'blocked', 'ragged' or 'dense'")
+        _check(self.moe_impl in ("auto", "blocked", "ragged", "dense"), "moe_impl",
+               self.moe_impl, "must be 'auto', 'blocked', 'ragged' or 'dense'")
         _check(self.moe_block_size >= 0, "moe_block_size", self.moe_block_size, "must be >= 0")
         for name in ("dtype", "param_dtype"):
             _check(getattr(self, name) in ("float32", "bfloat16"), name, getattr(self, name),
@@ -351,7 +355,7 @@ _HF_IGNORED = {
 # Values we require, since the model implements only these.
 _HF_REQUIRED = {
     "hidden_act": "silu", "scoring_func": "sigmoid", "moe_layer_freq": 1,
-    "attention_bias": False,
+    "attention_bias": False, "rope_interleave": True, "topk_method": "noaux_tc",
 }
 _HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 

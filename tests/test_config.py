@@ -34,6 +34,8 @@ def test_from_hf_dict_and_dir(tmp_path):
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"some_new_key": 1}, "some_new_key"),
     ({"num_experts_per_tok": 999}, "num_experts_per_tok"),
+    ({"rope_interleave": False}, "rope_interleave"),
+    ({"topk_method": "greedy"}, "topk_method"),
 ])
 def test_from_hf_rejects(patch, field):
     d = json.load(open(f"{FIXTURES}/hf_config_deepseek-v3.json"))

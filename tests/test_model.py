@@ -16,10 +16,10 @@ def _rms(x, w, eps):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
 
 
-def _rope(x_TR, inv):
+def _rope(x_TR, inv, scale=1.0):
     """Interleaved RoPE as complex rotation of pairs (independent of k2jax.model.rope)."""
     t = np.arange(x_TR.shape[0])
-    z = (x_TR[:, 0::2] + 1j * x_TR[:, 1::2]) * np.exp(1j * t[:, None] * inv[None])
+    z = (x_TR[:, 0::2] + 1j * x_TR[:, 1::2]) * np.exp(1j * t[:, None] * inv[None]) * scale
     return np.stack([z.real, z.imag], -1).reshape(x_TR.shape)
 
 
@@ -41,6 +41,7 @@ def mla_reference(attn, cfg, x_BTD):
     nope, lora, h = cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.num_attention_heads
     inv = rope.inv_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
     scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+    cs = rope.cos_sin_scale(cfg.rope_scaling)
     eps = cfg.rms_norm_eps
     ys, maxes = [], np.full(h, -np.inf)
     for x in x_BTD:
@@ -50,11 +51,11 @@ def mla_reference(attn, cfg, x_BTD):
         else:
             q_all = np.einsum("td,dhk->thk", x, _np(attn.q_proj))
         kv = x @ _np(attn.kv_a)
-        ckv, kr = _rms(kv[:, :lora], _np(attn.kv_a_norm.scale), eps), _rope(kv[:, lora:], inv)
+        ckv, kr = _rms(kv[:, :lora], _np(attn.kv_a_norm.scale), eps), _rope(kv[:, lora:], inv, cs)
         y = np.zeros_like(x)
         for head in range(h):
             kvh = ckv @ _np(attn.kv_b)[:, head]
-            q = np.concatenate([q_all[:, head, :nope], _rope(q_all[:, head, nope:], inv)], -1)
+            q = np.concatenate([q_all[:, head, :nope], _rope(q_all[:, head, nope:], inv, cs)], -1)
             k = np.concatenate([kvh[:, :nope], kr], -1)
             out, best = _attend(q, k, kvh[:, nope:], scale)
             maxes[head] = max(maxes[head], best)
@@ -68,12 +69,13 @@ def mha_reference(attn, cfg, x_BTD):
     h, g = cfg.num_attention_heads, cfg.num_attention_heads // cfg.kv_heads
     inv = rope.inv_frequencies(cfg.mha_head_dim, cfg.rope_theta, cfg.rope_scaling)
     scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+    cs = rope.cos_sin_scale(cfg.rope_scaling)
     ys, maxes = [], np.full(h, -np.inf)
     for x in x_BTD:
         y = np.zeros_like(x)
         for head in range(h):
-            q = _rope(x @ _np(attn.q_proj)[:, head], inv)
-            k = _rope(x @ _np(attn.k_proj)[:, head // g], inv)
+            q = _rope(x @ _np(attn.q_proj)[:, head], inv, cs)
+            k = _rope(x @ _np(attn.k_proj)[:, head // g], inv, cs)
             out, best = _attend(q, k, x @ _np(attn.v_proj)[:, head // g], scale)
             maxes[head] = max(maxes[head], best)
             y += out @ _np(attn.o)[head]
@@ -88,6 +90,8 @@ VARIANTS = {
                  "rope_scaling.original_max_position_embeddings=4"),
     "mha": ("tiny", "attention=mha"),
     "gqa": ("tiny", "attention=mha", "num_key_value_heads=2"),
+    "gqa-yarn": ("tiny", "attention=mha", "num_key_value_heads=2", "rope_scaling.factor=4",
+                 "rope_scaling.original_max_position_embeddings=4"),
 }
 
 
@@ -200,3 +204,74 @@ def test_sharded_forward_equals_single_device(mesh_shape, variant):
     np.testing.assert_allclose(logits, logits_ref, rtol=1e-5, atol=1e-5)
     for key in aux:
         np.testing.assert_allclose(aux[key], aux_ref[key], rtol=1e-5, atol=1e-5)
+
+
+def _swiglu_np(x, gate, up, down):
+    a = x @ gate
+    return (a / (1 + np.exp(-a)) * (x @ up)) @ down
+
+
+def moe_reference(moe, cfg, x_TD):
+    """DeepSeek-V3 MoE (arXiv 2412.19437 eqs. 12-16) token by token in numpy."""
+    scores = 1 / (1 + np.exp(-(x_TD @ _np(moe.router))))
+    choice = scores + _np(moe.selection_bias)
+    per = cfg.n_routed_experts // cfg.n_group
+    out = np.zeros_like(x_TD)
+    for t, x in enumerate(x_TD):
+        groups = np.sort(choice[t].reshape(cfg.n_group, per), axis=1)[:, -2:].sum(1)
+        allowed = np.argsort(-groups)[: cfg.topk_group]
+        cand = np.concatenate([np.arange(g * per, (g + 1) * per) for g in allowed])
+        top = cand[np.argsort(-choice[t, cand])[: cfg.num_experts_per_tok]]
+        w = scores[t, top] / scores[t, top].sum() * cfg.routed_scaling_factor
+        for e, we in zip(top, w):
+            out[t] += we * _swiglu_np(x, _np(moe.w_gate)[e], _np(moe.w_up)[e], _np(moe.w_down)[e])
+    if cfg.n_shared_experts:
+        out += _swiglu_np(x_TD, _np(moe.shared.gate), _np(moe.shared.up), _np(moe.shared.down))
+    return out
+
+
+def transformer_reference(model, cfg, tokens):
+    """The whole decoder in numpy: embedding, pre-norm residual blocks, final norm, head."""
+    eps = cfg.rms_norm_eps
+    x = _np(model.embed)[np.asarray(tokens)]
+    for block in model.layers:
+        x = x + mla_reference(block.attn, cfg, _rms(x, _np(block.attn_norm.scale), eps))[0]
+        h = _rms(x, _np(block.ffn_norm.scale), eps)
+        if hasattr(block, "mlp"):
+            x = x + _swiglu_np(h, _np(block.mlp.gate), _np(block.mlp.up), _np(block.mlp.down))
+        else:
+            x = x + np.stack([moe_reference(block.moe, cfg, hb) for hb in h])
+    return _rms(x, _np(model.norm.scale), eps) @ _np(model.lm_head)
+
+
+@pytest.mark.parametrize("extra", [(), ("n_routed_experts=8", "n_group=4", "topk_group=2",
+                                        "num_experts_per_tok=3", "num_hidden_layers=3")])
+def test_transformer_matches_numpy_reference(extra):
+    """Wiring: residuals, norms, dense and MoE layers, routing with a non-zero selection
+    bias, shared expert, final norm and head, against a plain numpy forward."""
+    cfg = config.preset("tiny", "initializer_range=0.1", *extra)
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(0)
+    for block in model.layers:
+        if hasattr(block, "moe"):
+            block.moe.selection_bias[...] = jnp.asarray(rng.normal(size=cfg.n_routed_experts)
+                                                        * 0.05, jnp.float32)
+        for norm in (block.attn_norm, block.ffn_norm):
+            norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, cfg.hidden_size), jnp.float32)
+    tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, cfg.vocab_size)
+    logits, _ = model(tokens)
+    np.testing.assert_allclose(logits, transformer_reference(model, cfg, tokens),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_masked_targets_never_nan():
+    logits = jnp.zeros((1, 3, 5))
+    targets = jnp.asarray([[1, -100, 7]])
+    loss, parts = cross_entropy(logits, targets, z_loss=1e-4, mask_BT=targets >= 0)
+    assert np.isfinite(float(loss)) and float(parts["ce"]) == pytest.approx(np.log(5))
+
+
+def test_router_stays_float32():
+    model = Transformer(config.preset("tiny", "param_dtype=bfloat16"), rngs=nnx.Rngs(0))
+    assert model.layers[1].moe.router.dtype == jnp.float32
+    assert model.layers[1].moe.w_up.dtype == jnp.bfloat16

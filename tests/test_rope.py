@@ -63,3 +63,14 @@ def test_apply_rope_is_complex_rotation():
     z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * pos[..., None, None] * inv)
     want = np.stack([z.real, z.imag], -1).reshape(x.shape)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_mscale_unset_follows_transformers():
+    """Without mscale/mscale_all_dim (0 = not given) the softmax scale is plain and cos/sin
+    carry the temperature 0.1·ln(s) + 1 (transformers' _compute_yarn_parameters)."""
+    y = config.YarnConfig(factor=16.0)
+    assert rope.softmax_scale(64, y) == 64 ** -0.5
+    assert rope.cos_sin_scale(y) == pytest.approx(0.1 * math.log(16.0) + 1)
+    both = config.YarnConfig(factor=16.0, mscale=1.0, mscale_all_dim=1.0)
+    assert rope.cos_sin_scale(both) == 1.0
+    assert rope.softmax_scale(64, both) == pytest.approx(64 ** -0.5 * rope.yarn_mscale(16.0) ** 2)

@@ -10,6 +10,9 @@ Per-head weights are stored with an explicit ``heads`` axis (e.g. q_b is
 [q_lora, H, nope+rope]) so that QK-Clip and tensor parallelism address a head
 by index rather than by reshaping a flat matrix.
 
+The causal mask is by array index: ``positions_BT`` moves RoPE only (packed
+documents attend across their boundaries, as in nanoGPT-style training).
+
 Every call returns, besides the output, S_h = max over batch and causal
 (query, key) pairs of the pre-softmax logit, exactly the value the softmax
 sees (scale and YaRN mscale included). QK-Clip (Kimi K2, arXiv 2507.20534

@@ -52,7 +52,7 @@ class RMSNorm(nnx.Module):
         dt = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * x32).astype(dt)
+        return self.scale[...].astype(dt) * x32.astype(dt)  # cast, then scale: as transformers
 
 
 class MLP(nnx.Module):

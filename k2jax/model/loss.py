@@ -15,10 +15,11 @@ def cross_entropy(logits_BTV, targets_BT, *, z_loss: float = 0.0, mask_BT=None):
     """
     logits = logits_BTV.astype(jnp.float32)
     log_z_BT = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BT = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    safe_targets = jnp.clip(targets_BT, 0, logits.shape[-1] - 1)  # masked ids may be -100
+    target_logit_BT = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
     nll_BT = log_z_BT - target_logit_BT
     mask = jnp.ones_like(nll_BT) if mask_BT is None else mask_BT.astype(jnp.float32)
     denom = jnp.maximum(mask.sum(), 1.0)
-    ce = (nll_BT * mask).sum() / denom
-    zl = (jnp.square(log_z_BT) * mask).sum() / denom
+    ce = jnp.where(mask > 0, nll_BT, 0.0).sum() / denom
+    zl = jnp.where(mask > 0, jnp.square(log_z_BT), 0.0).sum() / denom
     return ce + z_loss * zl, {"ce": ce, "z_loss": zl}

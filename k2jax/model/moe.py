@@ -10,12 +10,15 @@ group is scored by the sum of its top-2 biased scores and only experts in the
 ``topk_group`` best groups may be chosen.
 
 Dispatch is exact (no token is ever dropped) and its compute grows with the
-number of *active* experts. Three implementations compute the same function:
+number of *active* experts. Three implementations compute the same function
+(``moe_impl="auto"``, the default, takes ``blocked`` on CPU, ``ragged`` elsewhere):
 
 - ``blocked`` (default; fast on CPU): sort the N·K (token, expert) assignments
   by expert, pad each expert's run up to a multiple of a block size, and run
   one batched matmul over blocks, each block with its expert's weights.
-  Padding is at most E·(block-1) rows, so cost ≈ active compute.
+  Padding is at most E·(block-1) rows, so cost ≈ active compute; but each
+  block gathers its expert's weights, a temporary of n_blocks·D·F per matrix,
+  which is fine on CPU and prohibitive at K2 scale.
 - ``ragged``: the same sorted layout through ``jax.lax.ragged_dot`` (grouped
   GEMM), the right kernel on accelerators; ~60x slower than ``blocked`` on CPU.
 - ``dense``: every expert on every token, masked: the reference for tests.
@@ -126,6 +129,7 @@ def experts_ragged(x_ND, idx_NK, w_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
     """Exact dispatch through ``jax.lax.ragged_dot`` grouped matmuls."""
     n, k = idx_NK.shape
     _, order_A, counts_E = _sort_assignments(idx_NK, w_gate_EDF.shape[0])
+    counts_E = counts_E.astype(jnp.int32)
     xs_AD = x_ND[order_A // k]
     h = jax.nn.silu(jax.lax.ragged_dot(xs_AD, w_gate_EDF, counts_E)) * jax.lax.ragged_dot(
         xs_AD, w_up_EDF, counts_E)
@@ -139,7 +143,10 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, e, f = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
-        self.router = param(rngs, cfg, (d, e), ("embed", None))
+        # float32 whatever param_dtype: expert choice is discrete and must not flip with
+        # rounding (transformers keeps the DeepSeek-V3 gate in fp32 too).
+        self.router = nnx.Param(cfg.initializer_range * jax.random.normal(
+            rngs.params(), (d, e), jnp.float32), axes=("embed", None))
         self.selection_bias = SelectionBias(jnp.zeros((e,), jnp.float32), axes=(None,))
         self.w_gate = param(rngs, cfg, (e, d, f), ("expert", "embed", "moe_mlp"))
         self.w_up = param(rngs, cfg, (e, d, f), ("expert", "embed", "moe_mlp"))
@@ -154,12 +161,16 @@ class MoE(nnx.Module):
         dt, _ = dtypes(cfg)
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d).astype(dt)
-        logits_NE = jnp.dot(x_ND.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        logits_NE = jnp.dot(x_ND.astype(jnp.float32), self.router[...],
+                            precision=jax.lax.Precision.HIGHEST)
         idx_NK, w_NK, scores_NE = route(logits_NE, self.selection_bias[...], cfg)
         weights = [w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)]
-        if cfg.moe_impl == "dense":
+        impl = cfg.moe_impl
+        if impl == "auto":
+            impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+        if impl == "dense":
             y_ND = experts_dense(x_ND, idx_NK, w_NK, *weights)
-        elif cfg.moe_impl == "ragged":
+        elif impl == "ragged":
             y_ND = experts_ragged(x_ND, idx_NK, w_NK, *weights)
         else:
             y_ND = experts_blocked(x_ND, idx_NK, w_NK, *weights, block=cfg.moe_block_size)

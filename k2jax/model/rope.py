@@ -51,7 +51,7 @@ def inv_frequencies(dim: int, base: float, yarn: YarnConfig | None = None) -> np
 
 
 def softmax_scale(qk_head_dim: int, yarn: YarnConfig | None) -> float:
-    """1/√d, times mscale(s, mscale_all_dim)² under YaRN (DeepSeek-V3's MLA)."""
+    """1/√d, times mscale(s, mscale_all_dim)² when mscale_all_dim is given (DeepSeek-V3's MLA)."""
     scale = qk_head_dim ** -0.5
     if yarn is not None and yarn.mscale_all_dim:
         m = yarn_mscale(yarn.factor, yarn.mscale_all_dim)
@@ -60,10 +60,15 @@ def softmax_scale(qk_head_dim: int, yarn: YarnConfig | None) -> float:
 
 
 def cos_sin_scale(yarn: YarnConfig | None) -> float:
-    """Factor on cos/sin: mscale(s, mscale) / mscale(s, mscale_all_dim) (1 for K2 and DSv3)."""
-    if yarn is None:
+    """Factor on cos/sin: mscale(s, mscale) / mscale(s, mscale_all_dim) when both are given
+    (1 for K2 and DeepSeek-V3, whose temperature is in the softmax scale), otherwise the
+    plain YaRN temperature mscale(s, 1), as transformers' ``_compute_yarn_parameters``."""
+    if yarn is None or yarn.factor <= 1:
         return 1.0
-    return yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+    if yarn.mscale and yarn.mscale_all_dim:
+        return yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor,
+                                                                   yarn.mscale_all_dim)
+    return yarn_mscale(yarn.factor, 1.0)
 
 
 def apply_rope(x_BTHR, positions_BT, inv_freq_R2: np.ndarray, scale: float = 1.0):
