@@ -191,3 +191,21 @@ def test_sharded_update_equals_unsharded():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=4e-5)
     np.testing.assert_array_equal(find_state(s_out).times_clipped,
                                   find_state(s_ref).times_clipped)
+
+
+def test_clip_on_sharded_weights_gathers_nothing():
+    """The clip is a per-head elementwise scale: compiled on parameters sharded over heads
+    (tensor) and rows (fsdp), it has no all-gather and keeps every sharding."""
+    cfg = config.preset("tiny")
+    p = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    mesh = sharding.make_mesh(data=1, fsdp=2, expert=2, tensor=2)
+    shardings = sharding.state_shardings(p, mesh)
+    p = jax.device_put(p, shardings)
+    s = jnp.full((cfg.num_hidden_layers, cfg.num_attention_heads), 3.0).at[0, 1].set(50.0)
+    clip = jax.jit(lambda p, s: optim.clip_params(p, s, qk_layout(cfg), tau=10.0))
+    hlo = clip.lower(p, s).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+    out = clip(p, s)
+    q_b = out["layers"][0]["attn"]["q_b"]
+    assert q_b.sharding.is_equivalent_to(p["layers"][0]["attn"]["q_b"].sharding, q_b.ndim)
+    assert not q_b.sharding.is_fully_replicated
