@@ -209,3 +209,20 @@ def test_clip_on_sharded_weights_gathers_nothing():
     q_b = out["layers"][0]["attn"]["q_b"]
     assert q_b.sharding.is_equivalent_to(p["layers"][0]["attn"]["q_b"].sharding, q_b.ndim)
     assert not q_b.sharding.is_fully_replicated
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_one_layer_forward_max_logits_become_min_s_tau(variant):
+    """The literal claim on a one-layer model, where nothing downstream of the clipped
+    attention feeds back: the plain forward's aux["attn_max_logits"] is min(S, τ)."""
+    cfg = config.preset(*VARIANTS[variant], "initializer_range=0.15", "num_hidden_layers=1")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.vocab_size)
+    fwd = lambda p: nnx.merge(graphdef, p, rest)(tokens)[1]["attn_max_logits"]  # noqa: E731
+    s = fwd(p)
+    tau = float(jnp.median(s))
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=tau, weight_decay=0.0,
+                        partition=params.partition(cfg))
+    new_p, _ = _zero_step(tx, p, s)
+    np.testing.assert_allclose(fwd(new_p), jnp.minimum(s, tau), rtol=2e-5)
