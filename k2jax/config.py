@@ -175,6 +175,40 @@ class ModelConfig:
         return self.num_hidden_layers - self.first_k_dense_replace
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are cut into batches (k2jax/data)."""
+
+    source: Literal["stdlib", "text", "shards"] = "stdlib"
+    paths: tuple[str, ...] = ()  # text: files/globs; shards: train .bin globs
+    val_paths: tuple[str, ...] = ()  # shards: validation .bin globs
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    bpe_vocab_size: int = 4096
+    seq_len: int = 128
+    global_batch_size: int = 32
+    seed: int = 0
+    val_fraction: float = 0.02  # stdlib / text: share of files held out, chosen by name
+    cache_dir: str = "~/.cache/k2jax"
+    num_threads: int = 2  # grain prefetch threads
+    prefetch: int = 8  # batches read ahead
+
+    def __post_init__(self):
+        for name in ("bpe_vocab_size", "seq_len", "global_batch_size", "num_threads"):
+            _check(getattr(self, name) > 0, f"data.{name}", getattr(self, name),
+                   "must be positive")
+        _check(self.bpe_vocab_size >= 258, "data.bpe_vocab_size", self.bpe_vocab_size,
+               "must be >= 258 (256 bytes + specials)")
+        _check(self.prefetch >= 0, "data.prefetch", self.prefetch, "must be >= 0")
+        _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction,
+               "must be in (0, 1)")
+        _check(self.source in ("stdlib", "text", "shards"), "data.source", self.source,
+               "must be 'stdlib', 'text' or 'shards'")
+        _check(self.tokenizer in ("byte", "bpe"), "data.tokenizer", self.tokenizer,
+               "must be 'byte' or 'bpe'")
+        _check(self.source == "stdlib" or bool(self.paths), "data.paths", self.paths,
+               f"source={self.source!r} needs paths")
+
+
 # ---------------------------------------------------------------------------
 # validation and overrides
 
@@ -201,6 +235,11 @@ def _parse(tp, text: str, key: str):
     inner, optional = _unwrap_optional(tp)
     if optional and text.strip().lower() in ("none", "null"):
         return None
+    if typing.get_origin(inner) is Literal:
+        if text not in typing.get_args(inner):
+            raise ConfigError(f"{key}={text!r}: must be one of "
+                              f"{', '.join(map(repr, typing.get_args(inner)))}")
+        return text
     try:
         if inner is bool:
             low = text.strip().lower()
@@ -213,8 +252,10 @@ def _parse(tp, text: str, key: str):
             return int(text)
         if inner is float:
             return float(text)
-        if typing.get_origin(inner) is Literal or inner is str:
+        if inner is str:
             return text
+        if typing.get_origin(inner) is tuple:
+            return tuple(v.strip() for v in text.split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"{key}={text!r}: expected {getattr(inner, '__name__', inner)}") from None
     if dataclasses.is_dataclass(inner):
