@@ -209,6 +209,134 @@ class DataConfig:
                f"source={self.source!r} needs paths")
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """optim.build arguments (optim/factory.py) plus the learning-rate schedule."""
+
+    name: Literal["adamw", "muon", "muonclip"] = "muonclip"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_coeffs: Literal["jordan", "polar_express"] = "jordan"
+    ns_dtype: Literal["float32", "bfloat16"] = "float32"
+    rms_scale: float = 0.2
+    adam_lr: float | None = None  # AdamW group under Muon; None = lr
+    adam_weight_decay: float | None = None  # None = weight_decay
+    qk_clip: bool | None = None  # None: on for muonclip only; true adds it to any optimizer
+    tau: float = 100.0
+    monitor_only: bool = False  # QK-Clip records statistics but never rescales
+    schedule: Literal["constant", "cosine", "wsd"] = "cosine"
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    grad_clip_norm: float | None = None  # global-norm clipping before the optimizer
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optimizer.lr", self.lr, "must be positive")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
+        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optimizer.b1", self.b1,
+               "b1 and b2 must be in [0, 1)")
+        _check(self.ns_steps > 0, "optimizer.ns_steps", self.ns_steps, "must be positive")
+        _check(self.tau > 0, "optimizer.tau", self.tau, "must be positive")
+        _check(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0 <= self.final_lr_ratio <= 1, "optimizer.final_lr_ratio", self.final_lr_ratio,
+               "must be in [0, 1]")
+        _check(self.grad_clip_norm is None or self.grad_clip_norm > 0, "optimizer.grad_clip_norm",
+               self.grad_clip_norm, "must be positive or None")
+
+    @property
+    def clip_enabled(self) -> bool:
+        return self.name == "muonclip" if self.qk_clip is None else self.qk_clip
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (-1 = the remaining devices) and multi-host start-up."""
+
+    data: int = 1
+    fsdp: int = -1
+    expert: int = 1
+    tensor: int = 1
+    distributed: bool = False  # call jax.distributed.initialize (arguments below, or auto)
+    coordinator_address: str | None = None  # e.g. 127.0.0.1:1234; None = auto (TPU pods)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.expert, self.tensor)
+        _check(all(v == -1 or v > 0 for v in sizes), "mesh.data", sizes,
+               "mesh sizes must be positive or -1")
+        _check(sizes.count(-1) <= 1, "mesh.fsdp", sizes, "at most one mesh axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    micro_batches: int = 1  # gradient accumulation: global batch split into this many
+    z_loss: float = 0.0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    histogram_every: int = 100  # per-head max-logit histogram / image
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
+    peak_flops: float | None = None  # per device, for MFU; None = measured once and cached
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batches", "log_every", "eval_every", "histogram_every",
+                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+            _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name),
+                   "must be positive")
+        _check(self.eval_batches >= 0, "train.eval_batches", self.eval_batches, "must be >= 0")
+        _check(self.z_loss >= 0, "train.z_loss", self.z_loss, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything one run needs; ``config.json`` in a run directory is this, resolved."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _check(self.data.global_batch_size % self.train.micro_batches == 0,
+               "train.micro_batches", self.train.micro_batches,
+               f"must divide data.global_batch_size={self.data.global_batch_size}")
+
+
+def load(preset_or_file: str, overrides: typing.Iterable[str] = ()) -> Config:
+    """A run config from a model preset name or a JSON file, then dotted overrides
+    (``model.hidden_size=256``, ``optimizer.lr=1e-2``, ``data.seq_len=256``)."""
+    if preset_or_file in PRESETS:
+        cfg = Config(model=preset(preset_or_file))
+    elif os.path.isfile(preset_or_file):
+        try:
+            with open(preset_or_file) as f:
+                values = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{preset_or_file}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{preset_or_file}: expected a JSON object")
+        cfg = from_dict(Config, values)
+    else:
+        close = difflib.get_close_matches(preset_or_file, PRESETS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"--config {preset_or_file!r} is neither a preset "
+                          f"({', '.join(PRESETS)}) nor a file{hint}")
+    return override(cfg, overrides)
+
+
 # ---------------------------------------------------------------------------
 # validation and overrides
 
@@ -280,6 +408,8 @@ def from_dict(cls, values: dict, prefix: str = ""):
         inner, _ = _unwrap_optional(types_[key])
         if dataclasses.is_dataclass(inner) and isinstance(value, dict):
             value = from_dict(inner, value, prefix=f"{prefix}{key}.")
+        elif typing.get_origin(inner) is tuple and isinstance(value, list):
+            value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
 
