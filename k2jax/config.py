@@ -421,31 +421,39 @@ def to_dict(cfg) -> dict:
 def override(cfg, overrides: typing.Iterable[str]):
     """Apply dotted ``key=value`` overrides, e.g. ``rope_scaling.factor=8``.
 
-    A nested dataclass that is None is created with its defaults before its
-    field is set. Unknown keys suggest the closest valid key.
+    All overrides are applied together and validated once, so ``data.source=text
+    data.paths=a.txt`` works in either order. A nested dataclass that is None is
+    created with its defaults before its field is set. Unknown keys suggest the
+    closest valid key.
     """
+    overrides = list(overrides)
+    if not overrides:
+        return cfg
+    values = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        cfg = _set(cfg, key.strip().split("."), text, prefix="")
-    return cfg
+        _set(type(cfg), values, key.strip().split("."), text, prefix="")
+    return from_dict(type(cfg), values)
 
 
-def _set(cfg, path: list[str], text: str, prefix: str):
+def _set(cls, values: dict, path: list[str], text: str, prefix: str) -> None:
     head, rest = path[0], path[1:]
-    types_ = _field_types(type(cfg))
+    types_ = _field_types(cls)
     if head not in types_:
-        raise _unknown(type(cfg), head, prefix)
+        raise _unknown(cls, head, prefix)
     if not rest:
-        value = _parse(types_[head], text, prefix + head)
-    else:
-        inner, _ = _unwrap_optional(types_[head])
-        if not dataclasses.is_dataclass(inner):
-            raise ConfigError(f"{prefix}{head} has no sub-keys (got '{'.'.join(path)}')")
-        sub = getattr(cfg, head) or inner()
-        value = _set(sub, rest, text, prefix=f"{prefix}{head}.")
-    return dataclasses.replace(cfg, **{head: value})
+        values[head] = _parse(types_[head], text, prefix + head)
+        return
+    inner, _ = _unwrap_optional(types_[head])
+    if not dataclasses.is_dataclass(inner):
+        raise ConfigError(f"{prefix}{head} has no sub-keys (got '{'.'.join(path)}')")
+    if values.get(head) is None:
+        values[head] = to_dict(inner())
+    elif dataclasses.is_dataclass(values[head]):
+        values[head] = to_dict(values[head])
+    _set(inner, values[head], rest, text, prefix=f"{prefix}{head}.")
 
 
 # ---------------------------------------------------------------------------

@@ -39,9 +39,15 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 def make_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1,
               devices=None) -> Mesh:
-    """A mesh over ``devices`` (default: all); one size may be -1 = the remaining devices."""
+    """A mesh over ``devices`` (default: all); one size may be -1 = the remaining devices.
+
+    Sizes whose product is less than the device count use the first devices (single
+    process only), so ``data=1 fsdp=1`` is the one-device baseline of any sharded run.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, expert, tensor]
+    if -1 not in sizes and math.prod(sizes) < len(devices) and jax.process_count() == 1:
+        devices = devices[:math.prod(sizes)]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = math.prod(s for s in sizes if s != -1)

@@ -52,13 +52,17 @@ class Transformer(nnx.Module):
             self.lm_head = param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
         self.cfg = cfg
 
-    def __call__(self, tokens_BT, positions_BT=None):
+    def __call__(self, tokens_BT, positions_BT=None, constrain=None):
+        """``constrain`` (e.g. a sharding constraint) is applied to the residual stream at
+        every block boundary."""
         cfg = self.cfg
         dt, _ = dtypes(cfg)
-        x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+        constrain = constrain or (lambda x: x)
+        x_BTD = constrain(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt))
         max_logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
         for block in self.layers:
             x_BTD, max_logit_H, stats = block(x_BTD, positions_BT)
+            x_BTD = constrain(x_BTD)
             max_logits.append(max_logit_H)
             if stats is not None:
                 loads.append(stats["load"])
