@@ -108,6 +108,7 @@ def run(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None,
         s["perf/tokens_per_sec"] = tokens_per_step / dt
         s["perf/mfu"] = metrics.mfu(s["perf/tokens_per_sec"], fpt, peak, jax.device_count())
         writer.write_scalars(step, s)
+        writer.write_array(step, "max_logits", m["attn/max_logits"])
         if step % cfg.train.histogram_every == 0 or step == 1:
             writer.write_histogram(step, "attn/max_logits_per_head", m["attn/max_logits"].ravel())
             writer.write_image(step, "attn/max_logits_layer_x_head", m["attn/max_logits"])

@@ -81,6 +81,7 @@ class MetricsWriter:
                 if f.read(1) != b"\n":
                     self._jsonl.write("\n")
         self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"))
+        self._arrays: dict[str, Any] = {}
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
@@ -131,6 +132,17 @@ class MetricsWriter:
         rgb_HWC = matplotlib.colormaps["viridis"](x01)[..., :3].astype(np.float32)
         self._tb.add_image(tag, rgb_HWC, global_step=int(step), dataformats="HWC")
 
+    def write_array(self, step: int, name: str, array) -> None:
+        """Append ``{"step", "value": nested list}`` to ``name.jsonl``: small per-step arrays
+        such as per-head max logits [layers, heads], for heatmaps over time."""
+        if not self.enabled:
+            return
+        if name not in self._arrays:
+            self._arrays[name] = open(os.path.join(self.workdir, f"{name}.jsonl"), "a",
+                                      buffering=1, encoding="utf-8")
+        value = np.asarray(array, np.float64).tolist()
+        self._arrays[name].write(json.dumps({"step": int(step), "value": value}) + "\n")
+
     def flush(self) -> None:
         if self.enabled:
             self._tb.flush()  # jsonl lines are flushed as written
@@ -139,6 +151,8 @@ class MetricsWriter:
         if self.enabled and self._tb is not None:
             self._jsonl.close()
             self._tb.close()
+            for f in self._arrays.values():
+                f.close()
             self._jsonl = self._tb = None
             self.enabled = False
 

@@ -161,3 +161,23 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     cfg = json.loads((tmp_path / "multi" / "config.json").read_text())
     assert cfg["mesh"]["num_processes"] == 2
+
+
+def test_loss_curves_notebook_executes(tmp_path):
+    """notebooks/loss_curves.ipynb runs headless on a tiny run; any cell error fails."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    run = tmp_path / "tiny_run"
+    loop.run(_cfg("train.steps=6"), str(run), progress=False)
+    nb = nbformat.read("notebooks/loss_curves.ipynb", as_version=4)
+    os.environ["K2JAX_RUNS"] = str(run)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": os.getcwd()}}).execute()
+    finally:
+        del os.environ["K2JAX_RUNS"]
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "1 runs:" in text and "tiny_run" in text
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2
