@@ -61,6 +61,7 @@ DEFAULT = dict(lrs=(0.01, 0.03, 0.1), tau=30.0, steps=160,
                      "optimizer.final_lr_ratio=0.05", "optimizer.warmup_steps=20",
                      "optimizer.weight_decay=0.1", "train.eval_every=80",
                      "train.eval_batches=8", "train.checkpoint_every=100000",
+                     "train.final_checkpoint=false",
                      "train.histogram_every=20"])
 QUICK = dict(lrs=(0.1,), steps=60, optimizers=("adamw", "muon", "muonclip"))
 
@@ -125,11 +126,12 @@ def paragraph(summary: list[dict], tau: float) -> str:
     if "muon" in at:
         m = at["muon"]
         out.append(f"vanilla Muon's max attention logit reached {m['max_logit']:.1f} "
-                   f"({m['max_logit'] / tau:.1f}τ), its final eval loss {m['final_eval_loss']:.3f}.")
+                   f"({m['max_logit'] / tau:.1f}τ), its final eval loss "
+                   f"{m['final_eval_loss']:.3f}.")
     if "muonclip" in at:
         c = at["muonclip"]
-        out.append(f"MuonClip peaked at {c['max_logit']:.1f} ({c['max_logit'] / tau:.2f}τ; the clip "
-                   f"acts after the step that overshot) with a second-half median of "
+        out.append(f"MuonClip peaked at {c['max_logit']:.1f} ({c['max_logit'] / tau:.2f}τ; "
+                   f"the clip acts after the step that overshot) with a second-half median of "
                    f"{c['median_max_logit_second_half']:.1f} "
                    f"({c['median_max_logit_second_half'] / tau:.2f}τ), clipped "
                    f"{100 * c['fraction_heads_ever_clipped']:.0f}% of heads at least once, "

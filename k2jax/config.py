@@ -286,6 +286,7 @@ class TrainConfig:
     eval_batches: int = 20
     histogram_every: int = 100  # per-head max-logit histogram / image
     checkpoint_every: int = 500
+    final_checkpoint: bool = True  # also save at the last step (sweeps may not need it)
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     peak_flops: float | None = None  # per device, for MFU; None = measured once and cached

@@ -137,7 +137,8 @@ def run(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None,
                     if cfg.train.eval_batches:
                         writer.write_scalars(step, {"eval/loss": evaluate(cfg, eval_fn, state,
                                                                           mesh)})
-                if step % cfg.train.checkpoint_every == 0 or step == end or guard.requested:
+                at_end = step == end and (cfg.train.final_checkpoint or stop_after is not None)
+                if step % cfg.train.checkpoint_every == 0 or at_end or guard.requested:
                     if pending is not None:  # never checkpoint past an unchecked step
                         last = finish(*pending)
                         pending = None

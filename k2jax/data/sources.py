@@ -10,6 +10,7 @@ the file's relative path: stable across runs and machines, no file in both.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -118,11 +119,13 @@ def _corpus_hash(files: list[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokens(cfg: DataConfig, split: str = "train"):
     """(TokenStream, tokenizer) for ``split`` in {"train", "validation"}.
 
     Text: each file is encoded and followed by <eos>, files concatenated in sorted order.
     Shards: ``paths`` (train) / ``val_paths`` (validation), read memory-mapped.
+    Cached per (config, split) in the process: evaluation and sweeps reuse the tokens.
     """
     if split not in ("train", "validation"):
         raise DataError(f"unknown split {split!r} (have train, validation)")

@@ -1,0 +1,84 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from experiments import spike_study
+from k2jax.metrics import MetricsWriter
+
+
+def _fake_run(tmp_path, name, losses, logits, clipped_steps=()):
+    d = tmp_path / name
+    with MetricsWriter(d) as w:
+        for i, (loss, m) in enumerate(zip(losses, logits), start=1):
+            w.write_scalars(i, {"train/loss": loss, "attn/max_logit": m,
+                                "qk_clip/heads_clipped": float(i in clipped_steps),
+                                "qk_clip/fraction_ever_clipped": 0.25})
+        w.write_scalars(len(losses), {"eval/loss": 2.5})
+    return str(d)
+
+
+def test_summary_numbers_come_from_the_curves(tmp_path):
+    n = 120
+    losses = list(np.linspace(5, 2, n))
+    losses[90] = 9.0  # one spike
+    logits = list(np.linspace(1, 100, n))
+    run = spike_study.Run("muonclip", 0.1)
+    d = _fake_run(tmp_path, run.name, losses, logits, clipped_steps=(70, 100))
+    s = spike_study.summarize(d, run, tau=30.0, clipped=True)
+    assert s["steps"] == n and s["final_eval_loss"] == 2.5
+    assert s["max_logit"] == 100.0 and s["spikes"] == 1 and not s["diverged"]
+    assert s["median_max_logit_second_half"] == np.median(logits[n // 2:])
+    assert s["steps_max_logit_above_tau"] == sum(x > 30 for x in logits)
+    assert s["last_clip_step"] == 100 and s["fraction_heads_ever_clipped"] == 0.25
+    bad = losses[:50] + [float("nan")] * 3
+    d2 = _fake_run(tmp_path, "muon_lr0.1", bad, logits[:53])
+    s2 = spike_study.summarize(d2, spike_study.Run("muon", 0.1), tau=30.0, clipped=False)
+    assert s2["diverged"] and s2["diverged_at"] == 50 and s2["tau"] is None
+
+
+def test_paragraph_states_the_measured_numbers():
+    rows = [dict(run="muon_lr0.1", optimizer="muon", lr=0.1, max_logit=180.0,
+                 final_eval_loss=2.2, median_max_logit_second_half=150.0,
+                 fraction_heads_ever_clipped=0.0, spikes=0, diverged=False, plateau_from=None),
+            dict(run="muonclip_lr0.1", optimizer="muonclip", lr=0.1, max_logit=40.0,
+                 final_eval_loss=2.1, median_max_logit_second_half=31.0,
+                 fraction_heads_ever_clipped=0.5, spikes=2, diverged=False, plateau_from=None)]
+    text = spike_study.paragraph(rows, tau=30.0)
+    assert "180.0 (6.0τ)" in text and "40.0 (1.33τ" in text and "31.0 (1.03τ)" in text
+    assert "= 0.955" in text and "2 loss spikes" in text
+
+
+def _study(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "experiments.spike_study", *args],
+                          capture_output=True, text=True, cwd=cwd or os.getcwd())
+
+
+def test_study_end_to_end_on_tiny(tmp_path):
+    out = tmp_path / "study"
+    r = _study("--workdir", str(out), "--preset", "tiny", "--steps", "6", "--lrs", "0.1",
+               "--optimizers", "muon,muonclip", "--tau", "0.05", "data.seq_len=32",
+               "data.global_batch_size=8", "train.eval_every=3", "train.eval_batches=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [x["run"] for x in summary["runs"]] == ["muon_lr0.1", "muonclip_lr0.1"]
+    clip = summary["runs"][1]
+    assert clip["last_clip_step"] is not None and clip["fraction_heads_ever_clipped"] > 0
+    assert summary["runs"][0]["last_clip_step"] is None
+    assert (out / "report.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "| muonclip_lr0.1 |" in report and "MuonClip / Muon final eval loss" in report
+
+
+def test_study_refuses_bad_input(tmp_path):
+    r = _study("--optimizers", "sgd")
+    assert r.returncode == 2 and "unknown 'sgd'" in r.stderr
+    (tmp_path / "x").write_text("keep")
+    r = _study("--workdir", str(tmp_path))
+    assert r.returncode == 2 and "not empty" in r.stderr
+    assert os.listdir(tmp_path) == ["x"]
+    r = _study("--workdir", str(tmp_path / "new"), "optimizer.lrr=1")
+    assert r.returncode == 2 and "did you mean 'optimizer.lr'" in r.stderr
+    assert not (tmp_path / "new").exists()
