@@ -22,8 +22,8 @@ def _fake_run(tmp_path, name, losses, logits, clipped_steps=()):
 
 def test_summary_numbers_come_from_the_curves(tmp_path):
     n = 120
-    losses = list(np.linspace(5, 2, n))
-    losses[90] = 4.5  # one spike: > 1.5x the recent median, still below the initial loss
+    losses = list(np.linspace(8, 2, n))
+    losses[90] = 7.5  # one spike: > 1.5x the recent median, still below the initial loss
     logits = list(np.linspace(1, 100, n))
     run = spike_study.Run("muonclip", 0.1)
     d = _fake_run(tmp_path, run.name, losses, logits, clipped_steps=(70, 100))
