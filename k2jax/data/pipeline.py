@@ -23,10 +23,6 @@ from k2jax.data.errors import DataError
 from k2jax.data.sources import TokenStream, load_tokens
 
 
-def sequence_count(stream: TokenStream, seq_len: int) -> int:
-    return stream.num_sequences(seq_len)
-
-
 def make_dataset(cfg: DataConfig, split: str = "train", *, process_index: int | None = None,
                  process_count: int | None = None, stream: TokenStream | None = None):
     """(grain IterDataset of {"inputs", "targets"} int32 [G/P, seq_len] batches, tokenizer).
