@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     from k2jax import loop
     from k2jax.data import DataError
 
+    loop.enable_compilation_cache()
+
     multihost_utils.sync_global_devices("k2jax: config checked")  # no host writes before
     write_config(cfg, args.workdir, args.resume)
     try:

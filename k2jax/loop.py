@@ -25,6 +25,18 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps in a row); message says why."""
 
 
+DEFAULT_COMPILATION_CACHE = "~/.cache/k2jax/xla"
+
+
+def enable_compilation_cache(path: str = DEFAULT_COMPILATION_CACHE) -> str:
+    """Turn on JAX's persistent compilation cache (the CLIs do): compiled steps are
+    reused across the runs of a sweep and across invocations. A directory the user
+    already chose (``JAX_COMPILATION_CACHE_DIR``) wins. Returns the directory used."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    return jax.config.jax_compilation_cache_dir
+
+
 def make_mesh(cfg: Config):
     m = cfg.mesh
     return sharding.make_mesh(data=m.data, fsdp=m.fsdp, expert=m.expert, tensor=m.tensor)
@@ -79,6 +91,7 @@ def run(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None,
     start = 0
     if resume:
         state, start = ckpt.restore(train.abstract_state(cfg, tx, mesh), train_it)
+        state = train.with_config_lr(state, cfg)
     step_fn = train.make_train_step(cfg, graphdef, tx, mesh, shardings, grad_hook=grad_hook)
     eval_fn = train.make_eval_step(cfg, graphdef, mesh, shardings)
     writer = metrics.MetricsWriter(workdir)

@@ -39,38 +39,66 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 key data (plain array: checkpointable)
 
 
-def learning_rate(cfg: Config) -> Callable:
+def learning_rate(cfg: Config, peak=None) -> Callable:
+    """step -> lr; ``peak`` (default ``optimizer.lr``) may be a traced scalar."""
     o = cfg.optimizer
-    return optim.schedule(o.lr, total_steps=cfg.train.steps,
+    return optim.schedule(o.lr if peak is None else peak, total_steps=cfg.train.steps,
                           warmup_steps=min(o.warmup_steps, cfg.train.steps), kind=o.schedule,
                           final_ratio=o.final_lr_ratio, decay_fraction=o.decay_fraction)
 
 
 def build_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
-    """The configured optimizer; QK-Clip is chained when ``optimizer.clip_enabled``."""
+    """The configured optimizer; QK-Clip is chained when ``optimizer.clip_enabled``.
+
+    The peak learning rates are injected hyperparameters (``optax.inject_hyperparams``):
+    f32 scalars in ``opt_state.hyperparams`` (``lr``, ``adam_lr``), not constants in the
+    compiled step, so every run of an lr sweep compiles to the same program (with a
+    persistent compilation cache, one compile serves them all). On resume the config's
+    values replace the checkpoint's (:func:`with_config_lr`).
+    """
     o, m = cfg.optimizer, cfg.model
-    adam_lr = None if o.adam_lr is None else optim.schedule(
-        o.adam_lr, total_steps=cfg.train.steps, warmup_steps=min(o.warmup_steps, cfg.train.steps),
-        kind=o.schedule, final_ratio=o.final_lr_ratio, decay_fraction=o.decay_fraction)
-    tx = optim.build(
-        "adamw" if o.name == "adamw" else "muon", learning_rate(cfg),
-        weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, momentum=o.momentum,
-        nesterov=o.nesterov, ns_steps=o.ns_steps, ns_coeffs=o.ns_coeffs,
-        ns_dtype=jnp.dtype(o.ns_dtype), rms_scale=o.rms_scale,
-        partition=params_lib.partition(m), adam_learning_rate=adam_lr,
-        adam_weight_decay=o.adam_weight_decay,
-        qk_layout=qk_layout(m) if o.clip_enabled else None, tau=o.tau,
-        monitor_only=o.monitor_only)
-    if o.grad_clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-    return tx
+
+    def make(lr, adam_lr):
+        tx = optim.build(
+            "adamw" if o.name == "adamw" else "muon", learning_rate(cfg, lr),
+            weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, momentum=o.momentum,
+            nesterov=o.nesterov, ns_steps=o.ns_steps, ns_coeffs=o.ns_coeffs,
+            ns_dtype=jnp.dtype(o.ns_dtype), rms_scale=o.rms_scale,
+            partition=params_lib.partition(m),
+            adam_learning_rate=learning_rate(cfg, adam_lr),
+            adam_weight_decay=o.adam_weight_decay,
+            qk_layout=qk_layout(m) if o.clip_enabled else None, tau=o.tau,
+            monitor_only=o.monitor_only)
+        if o.grad_clip_norm:
+            tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+        return tx
+
+    return optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(
+        lr=o.lr, adam_lr=o.lr if o.adam_lr is None else o.adam_lr)
+
+
+def hyperparams(cfg: Config) -> dict[str, jax.Array]:
+    """The injected hyperparameters of ``build_optimizer``'s state, from the config."""
+    o = cfg.optimizer
+    return {"lr": jnp.float32(o.lr), "adam_lr": jnp.float32(o.lr if o.adam_lr is None
+                                                            else o.adam_lr)}
+
+
+def with_config_lr(state: TrainState, cfg: Config) -> TrainState:
+    """``state`` with the peak learning rates of ``cfg``: the config, not a restored
+    checkpoint, decides the lr a run uses."""
+    hp = {k: jax.device_put(v, state.opt_state.hyperparams[k].sharding)
+          for k, v in hyperparams(cfg).items()}
+    return state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
 
 
 def _init_fn(cfg: Config, tx):
-    def init(key):
+    def init(key, hparams):
         model = Transformer(cfg.model, rngs=nnx.Rngs(params=key))
         _, p, rest = nnx.split(model, nnx.Param, ...)
-        return TrainState(jnp.zeros((), jnp.int32), p, rest, tx.init(p),
+        # lrs as arguments, not constants: every run of an lr sweep shares one init program
+        opt_state = tx.init(p)._replace(hyperparams=hparams)
+        return TrainState(jnp.zeros((), jnp.int32), p, rest, opt_state,
                           jax.random.key_data(jax.random.fold_in(key, 1)))
     return init
 
@@ -101,16 +129,17 @@ def init_state(cfg: Config, tx, mesh) -> tuple[TrainState, TrainState, Any]:
     """(state, its shardings, graphdef): parameters created directly in their shards."""
     init = _init_fn(cfg, tx)
     key = jax.random.key(cfg.train.seed)
-    abstract = jax.eval_shape(init, key)
+    abstract = jax.eval_shape(init, key, hyperparams(cfg))
     shardings = state_shardings(abstract, mesh)
-    state = jax.jit(init, out_shardings=shardings)(key)
+    state = jax.jit(init, out_shardings=shardings)(key, hyperparams(cfg))
     graphdef = nnx.graphdef(params_lib.abstract_model(cfg.model))
     return state, shardings, graphdef
 
 
 def abstract_state(cfg: Config, tx, mesh) -> TrainState:
     """ShapeDtypeStructs with shardings: what a checkpoint restores into."""
-    abstract = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(cfg.train.seed))
+    abstract = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(cfg.train.seed),
+                              hyperparams(cfg))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, state_shardings(abstract, mesh))
 
@@ -143,7 +172,6 @@ def make_train_step(cfg: Config, graphdef, tx, mesh, shardings: TrainState,
     """jitted ``step(state, batch) -> (state, metrics)``; ``grad_hook(grads, step)`` (tests:
     fault injection) may rewrite the gradients inside the step."""
     micro = cfg.train.micro_batches
-    lr_fn = learning_rate(cfg)
     act = NamedSharding(mesh, P(sharding.RULES["batch"], None, None))
 
     def loss_fn(p, rest, batch):
@@ -192,7 +220,8 @@ def make_train_step(cfg: Config, graphdef, tx, mesh, shardings: TrainState,
         imbalance = load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)
         metrics = {
             "train/loss": stats["loss"], "train/ce": stats["ce"], "train/z_loss": stats["z"],
-            "train/lr": lr_fn(state.step), "train/grad_norm": grad_norm,
+            "train/lr": learning_rate(
+                cfg, state.opt_state.hyperparams["lr"])(state.step), "train/grad_norm": grad_norm,
             "train/nonfinite": 1 - ok.astype(jnp.int32),
             "attn/max_logits": stats["max_logits"], "moe/load_imbalance": imbalance,
             **_group_rms(updates, labels),

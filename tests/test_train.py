@@ -57,6 +57,42 @@ def test_resume_is_bit_identical(tmp_path):
     assert max(r.get("qk_clip/heads_clipped", 0) for r in full) > 0
 
 
+def _lowered(cfg):
+    mesh = loop.make_mesh(cfg)
+    tx = train.build_optimizer(cfg)
+    state, shardings, graphdef = train.init_state(cfg, tx, mesh)
+    step = train.make_train_step(cfg, graphdef, tx, mesh, shardings)
+    batch = {"inputs": np.zeros((8, 32), np.int32), "targets": np.ones((8, 32), np.int32)}
+    batch = train.global_batch(batch, mesh)
+    init = jax.jit(train._init_fn(cfg, tx)).lower(jax.random.key(0), train.hyperparams(cfg))
+    return init.as_text(), step.lower(state, batch).as_text(), step(state, batch)
+
+
+def test_lr_sweep_compiles_one_program():
+    """The peak lr is state, not a constant: every lr of a sweep lowers to the same init
+    and step (one compile with the persistent cache), and each still trains at its own lr."""
+    a = _lowered(_cfg("optimizer.name=muonclip", "optimizer.lr=0.01"))
+    b = _lowered(_cfg("optimizer.name=muonclip", "optimizer.lr=0.03"))
+    assert a[0] == b[0] and a[1] == b[1]
+    (sa, ma), (sb, mb) = a[2], b[2]
+    lr = lambda peak: float(train.optim.schedule(  # noqa: E731
+        peak, total_steps=1000, warmup_steps=2)(0))
+    assert float(ma["train/lr"]) == pytest.approx(lr(0.01)) and float(mb["train/lr"]) == (
+        pytest.approx(lr(0.03)))
+    assert float(sb.opt_state.hyperparams["lr"]) == pytest.approx(0.03)
+    da = [np.abs(np.asarray(x)).max() for x in jax.tree.leaves(sa.params)]
+    db = [np.abs(np.asarray(x)).max() for x in jax.tree.leaves(sb.params)]
+    assert da != db
+
+
+def test_resume_takes_the_lr_from_the_config(tmp_path):
+    loop.run(_cfg("train.steps=4"), str(tmp_path), stop_after=2, progress=False)
+    loop.run(_cfg("train.steps=4", "optimizer.lr=0.02"), str(tmp_path), resume=True,
+             progress=False)
+    lrs = _losses(tmp_path, "train/lr")
+    assert lrs[1] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.02)
+
+
 def test_nonfinite_gradients_are_skipped_and_counted():
     cfg = _cfg("train.steps=5")
     mesh = loop.make_mesh(cfg)
