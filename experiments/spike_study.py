@@ -23,7 +23,7 @@ Defaults, and why:
   clip holds them at τ once updates shrink. (With a constant lr to the end the
   clipped runs sit ~1.15τ: each step's max is read on a new batch, after one
   more update than the clip saw.)
-- 16 × 128 tokens per step, 160 steps: 12 runs fit in ~15 minutes here. The
+- 16 × 128 tokens per step, 160 steps: 12 runs take ~13.5 minutes here. The
   peak lr is an optimizer-state hyperparameter (k2jax.train.build_optimizer), so
   the runs of one optimizer compile to the same programs, and JAX's persistent
   compilation cache (k2jax.loop.enable_compilation_cache) compiles each once.
