@@ -1,6 +1,9 @@
 """Train one model: ``python -m experiments.train --config PRESET_OR_FILE --workdir DIR [k=v ...]``.
 
-Overrides are dotted keys of :class:`k2jax.config.Config`, e.g.
+``--config`` is a preset name, a config JSON file, or a Hugging Face DeepseekV3 /
+Kimi-K2 checkpoint directory: its architecture, initialised from its weights
+(``train.init_from``; k2jax.hf). Overrides are dotted keys of
+:class:`k2jax.config.Config`, e.g.
 ``model.n_routed_experts=32 optimizer.name=adamw optimizer.lr=3e-3 train.steps=500
 data.source=text data.paths=corpus/*.txt mesh.fsdp=4``.
 
@@ -55,6 +58,13 @@ def resolve(args) -> Config:
         if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
             _fail(f"--workdir {args.workdir} exists and is not a directory")
         cfg = config_lib.load(args.config, args.overrides)
+    if cfg.train.init_from and not args.resume:
+        from k2jax import hf
+
+        try:
+            hf.check(cfg.train.init_from, cfg.model)
+        except (hf.HFError, ConfigError) as e:
+            _fail(f"train.init_from: {e}")
     try:
         if cfg.data.source != "stdlib":
             sources.expand(cfg.data.paths)

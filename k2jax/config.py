@@ -290,6 +290,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     peak_flops: float | None = None  # per device, for MFU; None = measured once and cached
+    init_from: str = ""  # a Hugging Face checkpoint directory (k2jax.hf) to start from
 
     def __post_init__(self):
         for name in ("steps", "micro_batches", "log_every", "eval_every", "histogram_every",
@@ -317,10 +318,14 @@ class Config:
 
 
 def load(preset_or_file: str, overrides: typing.Iterable[str] = ()) -> Config:
-    """A run config from a model preset name or a JSON file, then dotted overrides
-    (``model.hidden_size=256``, ``optimizer.lr=1e-2``, ``data.seq_len=256``)."""
+    """A run config from a model preset name, a JSON file, or a Hugging Face checkpoint
+    directory (its architecture, and ``train.init_from`` = its weights), then dotted
+    overrides (``model.hidden_size=256``, ``optimizer.lr=1e-2``, ``data.seq_len=256``)."""
     if preset_or_file in PRESETS:
         cfg = Config(model=preset(preset_or_file))
+    elif os.path.isdir(preset_or_file):
+        cfg = Config(model=from_hf(preset_or_file),
+                     train=TrainConfig(init_from=os.path.abspath(preset_or_file)))
     elif os.path.isfile(preset_or_file):
         try:
             with open(preset_or_file) as f:
@@ -334,7 +339,7 @@ def load(preset_or_file: str, overrides: typing.Iterable[str] = ()) -> Config:
         close = difflib.get_close_matches(preset_or_file, PRESETS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"--config {preset_or_file!r} is neither a preset "
-                          f"({', '.join(PRESETS)}) nor a file{hint}")
+                          f"({', '.join(PRESETS)}), a file nor a checkpoint directory{hint}")
     return override(cfg, overrides)
 
 
@@ -522,70 +527,10 @@ def preset(name: str, *overrides: str) -> ModelConfig:
 # ---------------------------------------------------------------------------
 # Hugging Face config.json
 
-# Keys of a DeepseekV3 / Kimi-K2 config.json that carry no architecture we model.
-_HF_IGNORED = {
-    "architectures", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id",
-    "torch_dtype", "dtype", "transformers_version", "use_cache", "pretraining_tp",
-    "attention_dropout", "num_nextn_predict_layers", "seq_aux", "ep_size",
-    "quantization_config", "model_type", "rope_interleave", "moe_layer_freq",
-    "hidden_act", "scoring_func", "topk_method", "attention_bias", "head_dim",
-    "num_key_value_heads", "tie_word_embeddings", "rope_scaling", "id2label",
-    "label2id", "output_attentions", "output_hidden_states", "return_dict",
-}
-# Values we require, since the model implements only these.
-_HF_REQUIRED = {
-    "hidden_act": "silu", "scoring_func": "sigmoid", "moe_layer_freq": 1,
-    "attention_bias": False, "rope_interleave": True, "topk_method": "noaux_tc",
-}
-_HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
-
 
 def from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a Hugging Face DeepseekV3 / Kimi-K2 ``config.json``.
+    """A :class:`ModelConfig` from a Hugging Face DeepseekV3 / Kimi-K2 ``config.json``
+    (the dict, the file or its directory): :func:`k2jax.hf.config_from_hf`."""
+    from k2jax import hf
 
-    ``config`` is the parsed dict, the file, or its directory. Multi-token
-    prediction layers (``num_nextn_predict_layers``) are not modelled, as
-    transformers' ``DeepseekV3ForCausalLM`` does not build them either.
-    """
-    if not isinstance(config, dict):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"from_hf: no config.json at {path}")
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"from_hf: {path} is not valid JSON ({e})") from None
-    model_type = config.get("model_type")
-    if model_type not in _HF_MODEL_TYPES:
-        raise ConfigError(f"from_hf: unsupported model_type {model_type!r} "
-                          f"(supported: {', '.join(_HF_MODEL_TYPES)})")
-    for key, want in _HF_REQUIRED.items():
-        if key in config and config[key] != want:
-            raise ConfigError(f"from_hf: {key}={config[key]!r} is not supported (need {want!r})")
-    if config.get("num_key_value_heads", config.get("num_attention_heads")) != config.get(
-            "num_attention_heads"):
-        raise ConfigError("from_hf: num_key_value_heads must equal num_attention_heads for MLA")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    kwargs: dict[str, Any] = {}
-    for key, value in config.items():
-        if key in _HF_IGNORED or key.startswith("_"):
-            continue
-        if key not in names:
-            raise ConfigError(f"from_hf: unknown config.json key {key!r}")
-        kwargs[key] = value
-    kwargs["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
-    rs = config.get("rope_scaling")
-    if rs:
-        kind = rs.get("type", rs.get("rope_type"))
-        if kind != "yarn":
-            raise ConfigError(f"from_hf: rope_scaling type {kind!r} is not supported (need 'yarn')")
-        yarn_fields = {f.name for f in dataclasses.fields(YarnConfig)}
-        kwargs["rope_scaling"] = YarnConfig(
-            **{k: v for k, v in rs.items() if k in yarn_fields})
-    kwargs["dtype"] = "float32"
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)
-
+    return hf.config_from_hf(config, **overrides)

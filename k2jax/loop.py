@@ -89,6 +89,8 @@ def run(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None,
                                    save_every=cfg.train.checkpoint_every,
                                    keep=cfg.train.keep_checkpoints)
     start = 0
+    if cfg.train.init_from and not resume:
+        state = train.init_from_hf(state, shardings, cfg, mesh)
     if resume:
         state, start = ckpt.restore(train.abstract_state(cfg, tx, mesh), train_it)
         state = train.with_config_lr(state, cfg)

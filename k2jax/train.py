@@ -136,6 +136,20 @@ def init_state(cfg: Config, tx, mesh) -> tuple[TrainState, TrainState, Any]:
     return state, shardings, graphdef
 
 
+def init_from_hf(state: TrainState, shardings: TrainState, cfg: Config, mesh) -> TrainState:
+    """``state`` with the parameters and routing biases of the Hugging Face checkpoint
+    ``cfg.train.init_from`` (k2jax.hf), each loaded straight into its shards. The
+    optimizer state (zeros, counts) does not depend on parameter values and stays."""
+    from k2jax import hf
+
+    hf.check(cfg.train.init_from, cfg.model)
+    _, model = hf.load(cfg.train.init_from, mesh=mesh,
+                       **{f: getattr(cfg.model, f) for f in hf.TRAINING_FIELDS})
+    _, p, rest = nnx.split(model, nnx.Param, ...)
+    return state._replace(params=jax.device_put(p, shardings.params),
+                          rest=jax.device_put(rest, shardings.rest))
+
+
 def abstract_state(cfg: Config, tx, mesh) -> TrainState:
     """ShapeDtypeStructs with shardings: what a checkpoint restores into."""
     abstract = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(cfg.train.seed),

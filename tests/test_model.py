@@ -42,16 +42,17 @@ def mla_reference(attn, cfg, x_BTD):
     inv = rope.inv_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
     scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
     cs = rope.cos_sin_scale(cfg.rope_scaling)
-    eps = cfg.rms_norm_eps
+    latent_eps = 1e-6  # DeepSeek-V3 / transformers: the latent norms keep the default eps
     ys, maxes = [], np.full(h, -np.inf)
     for x in x_BTD:
         if cfg.q_lora_rank:
-            cq = _rms(x @ _np(attn.q_a), _np(attn.q_a_norm.scale), eps)
+            cq = _rms(x @ _np(attn.q_a), _np(attn.q_a_norm.scale), latent_eps)
             q_all = np.einsum("tr,rhk->thk", cq, _np(attn.q_b))
         else:
             q_all = np.einsum("td,dhk->thk", x, _np(attn.q_proj))
         kv = x @ _np(attn.kv_a)
-        ckv, kr = _rms(kv[:, :lora], _np(attn.kv_a_norm.scale), eps), _rope(kv[:, lora:], inv, cs)
+        ckv = _rms(kv[:, :lora], _np(attn.kv_a_norm.scale), latent_eps)
+        kr = _rope(kv[:, lora:], inv, cs)
         y = np.zeros_like(x)
         for head in range(h):
             kvh = ckv @ _np(attn.kv_b)[:, head]

@@ -152,6 +152,8 @@ def _cli(*args, workdir):
     (["--config", "tiny", "data.source=text", "data.paths=/nonexistent/corpus.txt"],
      "/nonexistent/corpus.txt: no such file"),
     (["--config", "nosuchpreset"], "neither a preset"),
+    (["--config", "tests/fixtures/hf_tiny_k2", "model.n_routed_experts=16"],
+     "model.n_routed_experts=16 (checkpoint: 8)"),
 ])
 def test_cli_rejects_bad_input_before_writing(tmp_path, args, message):
     workdir = tmp_path / "run"
@@ -160,6 +162,35 @@ def test_cli_rejects_bad_input_before_writing(tmp_path, args, message):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not workdir.exists()
+
+
+def test_training_starts_from_a_hugging_face_checkpoint(tmp_path):
+    """``--config HF_DIR``: the architecture from config.json, the weights loaded into
+    their shards, and training goes on from there."""
+    from flax import nnx
+
+    from k2jax import hf
+
+    fixture = "tests/fixtures/hf_tiny_k2"
+    cfg = config.load(fixture, ["mesh.fsdp=2", "mesh.expert=2", "data.seq_len=16",
+                                "data.global_batch_size=4", "train.steps=3",
+                                "optimizer.name=muonclip", "train.eval_batches=1"])
+    assert cfg.train.init_from == os.path.abspath(fixture)
+    mesh = loop.make_mesh(cfg)
+    tx = train.build_optimizer(cfg)
+    state, shardings, _ = train.init_state(cfg, tx, mesh)
+    state = train.init_from_hf(state, shardings, cfg, mesh)
+    _, model = hf.load(fixture)
+    want = jax.tree.leaves(nnx.split(model, nnx.Param, ...)[1:])
+    got = jax.tree.leaves((state.params, state.rest))
+    assert len(want) == len(got)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+    out = loop.run(cfg, str(tmp_path), progress=False)
+    assert out["step"] == 3 and np.isfinite(out["last"]["train/loss"])
+    with pytest.raises(hf.HFError, match="model.hidden_size=48"):
+        train.init_from_hf(state, shardings, config.load(fixture, ["model.hidden_size=48"]),
+                           mesh)
 
 
 def test_cli_refuses_non_empty_workdir(tmp_path):

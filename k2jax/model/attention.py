@@ -50,6 +50,11 @@ def _positions(x_BTD, positions_BT):
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
+# The latent norms use a fixed eps, whatever rms_norm_eps: DeepSeek-V3's reference code
+# and transformers' DeepseekV3Attention both build them with the default 1e-6.
+LATENT_NORM_EPS = 1e-6
+
+
 class MLA(nnx.Module):
     """Multi-head latent attention with decoupled RoPE (DeepSeek-V3 / Kimi K2)."""
 
@@ -58,13 +63,15 @@ class MLA(nnx.Module):
         nope, rdim, vdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         if cfg.q_lora_rank:
             self.q_a = param(rngs, cfg, (d, cfg.q_lora_rank), ("embed", "q_lora"))
-            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg, rngs=rngs, axis_name="q_lora")
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg, rngs=rngs, axis_name="q_lora",
+                                    eps=LATENT_NORM_EPS)
             self.q_b = param(rngs, cfg, (cfg.q_lora_rank, h, nope + rdim),
                              ("q_lora", "heads", "qk_head"))
         else:
             self.q_proj = param(rngs, cfg, (d, h, nope + rdim), ("embed", "heads", "qk_head"))
         self.kv_a = param(rngs, cfg, (d, cfg.kv_lora_rank + rdim), ("embed", "kv_lora"))
-        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg, rngs=rngs, axis_name="kv_lora")
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, cfg, rngs=rngs, axis_name="kv_lora",
+                                 eps=LATENT_NORM_EPS)
         self.kv_b = param(rngs, cfg, (cfg.kv_lora_rank, h, nope + vdim),
                           ("kv_lora", "heads", "kv_head"))
         self.o = param(rngs, cfg, (h, vdim, d), ("heads", "v_head", "embed"))

@@ -44,9 +44,10 @@ def param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], axes: Axes,
 class RMSNorm(nnx.Module):
     """RMSNorm (Zhang & Sennrich 2019), statistics in float32 as in DeepSeek-V3."""
 
-    def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs, axis_name: str = "norm"):
+    def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs, axis_name: str = "norm",
+                 eps: float | None = None):
         self.scale = param(rngs, cfg, (dim,), (axis_name,), init="ones")
-        self.eps = cfg.rms_norm_eps
+        self.eps = cfg.rms_norm_eps if eps is None else eps
 
     def __call__(self, x):
         dt = x.dtype
