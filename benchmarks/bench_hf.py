@@ -4,10 +4,10 @@
 
 Saves a randomly initialised preset with ``k2jax.hf.save`` (several shards), then
 loads it in a fresh process and reports that process's peak resident memory
-(``VmHWM``; ``ru_maxrss`` would include the parent's, inherited across fork) next to the checkpoint's size and a baseline process that only
-imports k2jax and builds nothing. The target: peak − baseline ≈ 1–2× the
-model's bytes (one host copy plus the device arrays, which on CPU are host
-memory too), never "every shard at once" plus copies.
+(``VmHWM``; ``ru_maxrss`` would include the parent's, inherited across fork) next
+to the checkpoint's size and to a baseline process that imports k2jax and loads
+nothing. The target: peak − baseline ≈ the model's bytes (the device arrays, host
+memory on CPU, plus one tensor in flight), whatever the number of shards.
 """
 
 from __future__ import annotations

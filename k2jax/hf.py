@@ -12,12 +12,13 @@ experts ``mlp.experts.{j}.{gate,up,down}_proj`` are stacked into [E, ...];
 no permutation: k2jax rotates interleaved pairs, as those checkpoints'
 ``rope_interleave: true`` does. Published DeepSeek-V3 / Kimi-K2 weights are fp8
 (e4m3) with a ``weight_scale_inv`` per 128×128 block (``quantization_config``);
-they are dequantised on load. The multi-token-prediction layers those
-checkpoints carry (layer index ≥ num_hidden_layers) are skipped, as
-transformers does.
+they are dequantised on load (other quantizations are refused). The
+multi-token-prediction layers those checkpoints carry after the decoder
+(``num_nextn_predict_layers``) are skipped, as transformers does.
 
-Loading reads one shard at a time from memory-mapped files into arrays of the
-final layout, so peak host memory stays near the model's size. The reader
+Loading builds each variable with ``jax.make_array_from_callback``: every device
+reads only its own slice (for an expert stack, only its experts) from memory-mapped
+shards, so no process ever holds the whole model. The reader
 decodes the safetensors format (an 8-byte header length, a JSON header, raw
 little-endian data; https://github.com/huggingface/safetensors#format) itself
 because safetensors' numpy API cannot decode BF16 or F8 tensors; the tests check
@@ -37,7 +38,6 @@ import tempfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -46,8 +46,9 @@ from k2jax.config import ConfigError, ModelConfig, YarnConfig
 from optim.partition import path_str
 
 
-class HFError(ValueError):
-    """A Hugging Face checkpoint cannot be read or does not match its config."""
+class HFError(ConfigError):
+    """A Hugging Face checkpoint cannot be read or does not match its config (a
+    ConfigError too: the checkpoint is what configures the model)."""
 
 
 # ---------------------------------------------------------------------------
@@ -63,7 +64,18 @@ _IGNORED = {
     "hidden_act", "scoring_func", "topk_method", "attention_bias", "head_dim",
     "qk_head_dim", "num_key_value_heads", "tie_word_embeddings", "rope_scaling",
     "rope_parameters", "id2label", "label2id", "output_attentions",
-    "output_hidden_states", "output_router_logits", "return_dict",
+    "output_hidden_states", "output_router_logits", "return_dict", "num_mtp_layers",
+}
+# transformers' DeepseekV3Config defaults (v5.24), for keys a config.json leaves out:
+# a missing key means what it means to transformers, not k2jax's own default.
+_HF_DEFAULTS = {
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "max_position_embeddings": 4096,
+    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
 }
 # Values k2jax requires, since the model implements only these.
 _REQUIRED = {
@@ -83,16 +95,20 @@ def _read_json(path: str, what: str) -> dict:
         raise ConfigError(f"{what}: {path} is not valid JSON ({e})") from None
 
 
-def _rope(config: dict) -> tuple[float | None, YarnConfig | None]:
+def _rope(config: dict) -> tuple[float, YarnConfig | None]:
     """(rope_theta, YaRN) from the legacy ``rope_theta`` + ``rope_scaling`` keys (the
-    published configs) or transformers 5's ``rope_parameters``."""
-    rs = config.get("rope_parameters") or config.get("rope_scaling")
-    theta = config.get("rope_theta", (rs or {}).get("rope_theta"))
-    kind = (rs or {}).get("rope_type", (rs or {}).get("type", "default"))
+    published configs) or transformers 5's ``rope_parameters``. A key k2jax does not
+    implement (e.g. ``attention_factor``) is an error, not silently dropped."""
+    rs = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = config.get("rope_theta", rs.get("rope_theta", _HF_DEFAULTS["rope_theta"]))
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    known = {"rope_type", "type", "rope_theta"} | (_YARN_FIELDS if kind == "yarn" else set())
+    bad = [f"{k}={v!r}" for k, v in rs.items() if k not in known or v is None]
+    if kind not in ("default", "yarn") or bad:
+        raise ConfigError(f"from_hf: rope_scaling {', '.join(bad) or f'type {kind!r}'} is not "
+                          f"supported (need 'yarn' with {', '.join(sorted(_YARN_FIELDS))})")
     if kind == "default":
         return theta, None
-    if kind != "yarn":
-        raise ConfigError(f"from_hf: rope_scaling type {kind!r} is not supported (need 'yarn')")
     return theta, YarnConfig(**{k: v for k, v in rs.items() if k in _YARN_FIELDS})
 
 
@@ -117,7 +133,7 @@ def config_from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelC
             "num_attention_heads"):
         raise ConfigError("from_hf: num_key_value_heads must equal num_attention_heads for MLA")
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {k: v for k, v in _HF_DEFAULTS.items() if k != "rope_theta"}
     for key, value in config.items():
         if key in _IGNORED or key.startswith("_"):
             continue
@@ -125,9 +141,7 @@ def config_from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelC
             raise ConfigError(f"from_hf: unknown config.json key {key!r}")
         kwargs[key] = value
     kwargs["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
-    theta, kwargs["rope_scaling"] = _rope(config)
-    if theta is not None:
-        kwargs["rope_theta"] = theta
+    kwargs["rope_theta"], kwargs["rope_scaling"] = _rope(config)
     kwargs["dtype"] = "float32"
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
@@ -135,8 +149,8 @@ def config_from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelC
 
 # Fields of ModelConfig that are k2jax's (training, dispatch, numerics), not the architecture.
 _K2JAX_ONLY = {"attention", "num_key_value_heads", "head_dim", "qk_norm", "rope_scaling",
-               "router_bias_update_rate", "aux_loss_alpha", "moe_impl", "moe_block_size",
-               "dtype", "param_dtype"}
+               "router_bias_update_rate", "moe_impl", "moe_block_size", "dtype",
+               "param_dtype"}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -150,6 +164,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     out.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                 if f.name not in _K2JAX_ONLY})
     rs = cfg.rope_scaling
+    if rs is not None and cfg.max_position_embeddings != rs.factor * (
+            rs.original_max_position_embeddings):
+        # some transformers versions re-derive the factor from these two
+        raise HFError(f"save: max_position_embeddings={cfg.max_position_embeddings} must equal "
+                      f"rope_scaling.factor × original_max_position_embeddings = "
+                      f"{rs.factor * rs.original_max_position_embeddings:g} for transformers")
     out["rope_scaling"] = None if rs is None else {
         "type": "yarn", "rope_type": "yarn",
         **{k: v for k, v in dataclasses.asdict(rs).items() if v or not k.startswith("mscale")}}
@@ -193,6 +213,8 @@ def read_header(file: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise HFError(f"{file}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise HFError(f"{file}: not a safetensors file (header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     out = {}
     for name, h in header.items():
@@ -304,19 +326,42 @@ def _to_hf(x: np.ndarray, spec: Spec) -> np.ndarray:
     return x.reshape(math.prod(x.shape[:spec.n_in]), -1).T
 
 
-def _skipped(name: str, cfg: ModelConfig) -> bool:
-    """Checkpoint tensors k2jax does not model: MTP layers and cached RoPE tables."""
+def _skipped(name: str, cfg: ModelConfig, mtp_layers: int) -> bool:
+    """Checkpoint tensors k2jax does not model: the multi-token-prediction layers that
+    follow the decoder (``num_nextn_predict_layers``) and cached RoPE tables."""
     if name.endswith("rotary_emb.inv_freq"):
         return True
     parts = name.split(".")
     return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
-            and int(parts[2]) >= cfg.num_hidden_layers)
+            and cfg.num_hidden_layers <= int(parts[2]) < cfg.num_hidden_layers + mtp_layers)
+
+
+def _fp8_block(hf_config: dict) -> tuple[int, int] | None:
+    """The fp8 block size of a DeepSeek-V3-style ``quantization_config``, None when the
+    checkpoint is not quantized; any other quantization is an error."""
+    qc = hf_config.get("quantization_config")
+    if not qc:
+        return None
+    method, fmt = qc.get("quant_method"), qc.get("fmt", "e4m3")
+    block = qc.get("weight_block_size", [128, 128])
+    bad = [f"{k}={v!r}" for k, v, ok in (("quant_method", method, method == "fp8"),
+                                         ("fmt", fmt, fmt == "e4m3"),
+                                         ("weight_block_size", block, len(block) == 2)) if not ok]
+    if bad:
+        raise HFError(f"load: quantization_config {', '.join(bad)} is not supported (fp8 "
+                      "e4m3 with a per-block weight_scale_inv, as DeepSeek-V3 / Kimi K2 publish)")
+    return int(block[0]), int(block[1])
 
 
 def _dequantize(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """fp8 weight × its per-block inverse scale (DeepSeek-V3 fp8 format, 128×128 blocks)."""
     s = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], 0), block[1], 1)
     return w.astype(np.float32) * s[:w.shape[0], :w.shape[1]]
+
+
+def _listed(what: str, items: list[str], limit: int = 20) -> str:
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return f"{len(items)} {what}: {', '.join(items[:limit])}{more}"
 
 
 # ---------------------------------------------------------------------------
@@ -352,17 +397,36 @@ def _abstract_state(cfg: ModelConfig):
     return nnx.split(abstract_model(cfg))
 
 
-def _open(path: str | os.PathLike, overrides: dict) -> tuple:
-    """Read config.json and every shard's header and check them against each other:
-    -> (config, {name: TensorInfo}, specs, graphdef, abstract state, fp8 block)."""
+@dataclasses.dataclass(frozen=True)
+class _Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, TensorInfo]  # every tensor in every shard
+    specs: list[Spec]
+    graphdef: Any
+    state: Any  # abstract nnx.State
+    block: tuple[int, int] | None  # fp8 block size
+
+
+def _open(path: str | os.PathLike, overrides: dict) -> _Checkpoint:
+    """Read config.json and every shard's header and check them against each other;
+    every problem found is reported in one HFError."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise HFError(f"load: {path} is not a directory")
-    hf_config = _read_json(os.path.join(path, "config.json"), "load")
-    _check_architecture(hf_config, path)
-    cfg = config_from_hf(hf_config, **overrides)
-    block = tuple((hf_config.get("quantization_config") or {}).get("weight_block_size",
-                                                                    (128, 128)))
+    bad = sorted(set(overrides) - set(TRAINING_FIELDS))
+    if bad:
+        raise HFError(f"load: {', '.join(bad)} come from config.json and cannot be overridden "
+                      f"(overridable: {', '.join(TRAINING_FIELDS)})")
+    try:
+        hf_config = _read_json(os.path.join(path, "config.json"), "load")
+        _check_architecture(hf_config, path)
+        cfg = config_from_hf(hf_config, **overrides)
+    except HFError:
+        raise
+    except ConfigError as e:
+        raise HFError(f"{path}: {e}") from None
+    block = _fp8_block(hf_config)
+    mtp = int(hf_config.get("num_nextn_predict_layers", hf_config.get("num_mtp_layers", 0)))
     found: dict[str, TensorInfo] = {}
     for file in _shard_files(path):
         for name, info in read_header(file)[0].items():
@@ -373,28 +437,37 @@ def _open(path: str | os.PathLike, overrides: dict) -> tuple:
     graphdef, state = _abstract_state(cfg)
     leaves = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]}
     specs = tensor_specs(cfg)
+    uncovered = sorted(set(leaves) - {s.path for s in specs})
+    if uncovered:
+        raise HFError(f"load: no checkpoint tensor can fill {', '.join(uncovered)}")
     by_name = {s.hf: s for s in specs}
+    if cfg.tie_word_embeddings:  # transformers drops a stored head and re-ties it
+        by_name["lm_head.weight"] = Spec("lm_head.weight", "embed", None)
     missing = [s.hf for s in specs if s.hf not in found]
     misshaped, unexpected = [], []
     for name, info in found.items():
         spec = by_name.get(name)
-        if spec is not None:
-            want = _hf_shape(spec, leaves[spec.path].shape)
-            if info.shape != want:
-                misshaped.append(f"{name} {list(info.shape)} (expected {list(want)})")
-        elif name.endswith(".weight_scale_inv") and name[:-len("_scale_inv")] in by_name:
-            continue
-        elif not _skipped(name, cfg):
-            unexpected.append(name)
-    uncovered = sorted(set(leaves) - {s.path for s in specs})
-    if uncovered:
-        raise HFError(f"load: no checkpoint tensor can fill {', '.join(uncovered)} "
-                      "(a k2jax-only option in the overrides?)")
-    problems = [f"{len(v)} {what}: {', '.join(v)}" for what, v in (
+        if name.endswith(".weight_scale_inv"):
+            w = found.get(name[:-len("_scale_inv")])
+            if w is None or not w.dtype.startswith("F8") or block is None or len(w.shape) != 2:
+                unexpected.append(name)
+            elif info.shape != (-(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])):
+                misshaped.append(f"{name} {list(info.shape)} (expected one scale per "
+                                 f"{block[0]}×{block[1]} block of {list(w.shape)})")
+        elif spec is None:
+            if not _skipped(name, cfg, mtp):
+                unexpected.append(name)
+        elif info.shape != (want := _hf_shape(spec, leaves[spec.path].shape)):
+            misshaped.append(f"{name} {list(info.shape)} (expected {list(want)})")
+        elif not (info.dtype.startswith("F") or info.dtype == "BF16"):
+            misshaped.append(f"{name} has dtype {info.dtype} (expected floating point)")
+        elif info.dtype.startswith("F8") and name + "_scale_inv" not in found:
+            misshaped.append(f"{name} is {info.dtype} without {name}_scale_inv")
+    problems = [_listed(what, v) for what, v in (
         ("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if v]
     if problems:
         raise HFError(f"load: {path} does not match its config.json: " + "; ".join(problems))
-    return cfg, found, specs, graphdef, state, block
+    return _Checkpoint(cfg, found, specs, graphdef, state, block)
 
 
 # ModelConfig fields a checkpoint does not determine: dispatch, dtypes, balancing, init.
@@ -410,7 +483,7 @@ def check(path: str | os.PathLike, model: ModelConfig | None = None,
     taken from ``model``); a difference is one error naming every field."""
     if model is not None:
         overrides = {**{f: getattr(model, f) for f in TRAINING_FIELDS}, **overrides}
-    cfg = _open(path, overrides)[0]
+    cfg = _open(path, overrides).config
     if model is not None and cfg != model:
         diff = [f"model.{f.name}={getattr(model, f.name)!r} (checkpoint: "
                 f"{getattr(cfg, f.name)!r})" for f in dataclasses.fields(cfg)
@@ -420,40 +493,54 @@ def check(path: str | os.PathLike, model: ModelConfig | None = None,
     return cfg
 
 
+def _variable(ckpt: _Checkpoint, specs: list[Spec], like, sharding) -> jax.Array:
+    """One k2jax variable, built device by device from the memory-mapped checkpoint:
+    each device's callback reads only the tensors its slice needs (for a stacked expert
+    variable, only its experts), so no process ever holds the whole model."""
+    shape, dtype = like.shape, like.dtype
+
+    def tensor(spec: Spec) -> np.ndarray:
+        info = ckpt.tensors[spec.hf]
+        x = read_tensor(info)
+        if info.dtype.startswith("F8"):
+            x = _dequantize(x, read_tensor(ckpt.tensors[spec.hf + "_scale_inv"]), ckpt.block)
+        return _to_k2jax(x, spec, shape)
+
+    def read(index) -> np.ndarray:
+        if specs[0].expert is None:
+            return np.asarray(tensor(specs[0])[index], dtype)
+        by_expert = {s.expert: s for s in specs}
+        return np.stack([np.asarray(tensor(by_expert[j])[index[1:]], dtype)
+                         for j in range(shape[0])[index[0]]])
+
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
 def load(path: str | os.PathLike, *, mesh=None, **overrides: Any):
     """``(ModelConfig, Transformer)`` from a checkpoint directory (config.json and one or
-    many safetensors shards). ``overrides`` go to :func:`config_from_hf` (e.g.
-    ``param_dtype="bfloat16"``, ``moe_impl="ragged"``); with ``mesh`` each variable is
-    placed directly in its shards (k2jax.sharding's rules)."""
-    cfg, found, specs, graphdef, state, block = _open(path, overrides)
-    leaves = {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]}
-    arrays = {p: np.empty(x.shape, x.dtype) for p, x in leaves.items()}
-    by_file: dict[str, list[Spec]] = {}
-    for spec in specs:
-        by_file.setdefault(found[spec.hf].file, []).append(spec)
-    for file in sorted(by_file):  # one shard at a time
-        for spec in by_file[file]:
-            x = read_tensor(found[spec.hf])
-            scale = found.get(spec.hf + "_scale_inv")
-            if scale is not None:
-                x = _dequantize(x, read_tensor(scale), block)
-            target = arrays[spec.path]
-            if spec.expert is not None:
-                target = target[spec.expert]
-            target[...] = _to_k2jax(x, spec, arrays[spec.path].shape)
+    many safetensors shards). ``overrides`` set the k2jax-only fields (TRAINING_FIELDS,
+    e.g. ``param_dtype="bfloat16"``, ``moe_impl="ragged"``; the rest comes from
+    config.json). With ``mesh`` each variable is built in its shards (k2jax.sharding's
+    rules), each device reading only its slice; without, on the default device.
+    Parameters are float32 unless ``param_dtype="bfloat16"`` (half the memory of a
+    bf16 or fp8 checkpoint read as float32)."""
+    ckpt = _open(path, overrides)
+    by_path: dict[str, list[Spec]] = {}
+    for spec in ckpt.specs:
+        by_path.setdefault(spec.path, []).append(spec)
     shardings = None
     if mesh is not None:
         from k2jax.sharding import state_shardings
         shardings = {path_str(kp): s for kp, s in jax.tree_util.tree_flatten_with_path(
-            state_shardings(state, mesh))[0]}
+            state_shardings(ckpt.state, mesh))[0]}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-    def place(kp, _):
+    def place(kp, like):
         p = path_str(kp)
-        x = arrays.pop(p)  # drop the host copy as soon as it is on the device
-        return jnp.asarray(x) if shardings is None else jax.device_put(x, shardings[p])
+        return _variable(ckpt, by_path[p], like, device if shardings is None else shardings[p])
 
-    state = jax.tree_util.tree_map_with_path(place, state)
-    return cfg, nnx.merge(graphdef, state)
+    state = jax.tree_util.tree_map_with_path(place, ckpt.state)
+    return ckpt.config, nnx.merge(ckpt.graphdef, state)
 
 
 def save(model, config: ModelConfig, path: str | os.PathLike, *,
@@ -507,6 +594,9 @@ def save(model, config: ModelConfig, path: str | os.PathLike, *,
             json.dump(hf_config, f, indent=2)
         if os.path.isdir(path):
             os.rmdir(path)  # empty (checked above)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from other users
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -138,11 +138,14 @@ def init_state(cfg: Config, tx, mesh) -> tuple[TrainState, TrainState, Any]:
 
 def init_from_hf(state: TrainState, shardings: TrainState, cfg: Config, mesh) -> TrainState:
     """``state`` with the parameters and routing biases of the Hugging Face checkpoint
-    ``cfg.train.init_from`` (k2jax.hf), each loaded straight into its shards. The
-    optimizer state (zeros, counts) does not depend on parameter values and stays."""
+    ``cfg.train.init_from`` (k2jax.hf), each built straight into its shards. The
+    optimizer state (zeros, counts) does not depend on parameter values and stays; the
+    random parameters are freed first, so the device never holds two copies."""
     from k2jax import hf
 
     hf.check(cfg.train.init_from, cfg.model)
+    for x in jax.tree.leaves((state.params, state.rest)):
+        x.delete()
     _, model = hf.load(cfg.train.init_from, mesh=mesh,
                        **{f: getattr(cfg.model, f) for f in hf.TRAINING_FIELDS})
     _, p, rest = nnx.split(model, nnx.Param, ...)

@@ -64,8 +64,8 @@ def test_count_equals_transformers(name):
     index = json.load(open(os.path.join(_fixture(name), "model.safetensors.index.json")))
     assert params.count(config.from_hf(_fixture(name)))[0] == (
         index["metadata"]["total_parameters"])
-    for name, counts in HF_COUNTS.items():
-        assert params.count(config.from_hf(f"{FIXTURES}/hf_config_{name}.json")) == counts
+    for published, counts in HF_COUNTS.items():
+        assert params.count(config.from_hf(f"{FIXTURES}/hf_config_{published}.json")) == counts
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,6 +106,12 @@ def test_save_refuses_to_overwrite(tmp_path):
     with pytest.raises(HFError, match="not empty"):
         hf.save(model, cfg, tmp_path / "out")
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    umask = os.umask(0o022)
+    try:
+        hf.save(model, cfg, tmp_path / "new")
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "new").st_mode & 0o777 == 0o755  # not mkdtemp's 0700
     mha = config.preset("tiny", "attention=mha")
     with pytest.raises(HFError, match="MLA"):
         hf.config_to_hf(mha)
@@ -149,9 +155,19 @@ def test_bad_checkpoints_list_every_problem(tmp_path):
 
 
 def test_skips_mtp_layers_and_rejects_other_models(tmp_path):
-    mtp = "model.layers.3.eh_proj.weight"  # a DeepSeek-V3 next-token-prediction layer
+    mtp = "model.layers.3.eh_proj.weight"  # the next-token-prediction layer (nextn = 1)
     d = _rewrite(_fixture("k2"), tmp_path / "mtp", lambda t: {**t, mtp: np.ones((2, 2))})
     hf.load(d)
+    beyond = "model.layers.4.input_layernorm.weight"  # a layer the config does not have
+    d = _rewrite(_fixture("k2"), tmp_path / "deeper", lambda t: {**t, beyond: np.ones(32)})
+    with pytest.raises(HFError, match=f"1 unexpected: {beyond}"):
+        hf.load(d)
+    i64 = "model.norm.weight"
+    d = _rewrite(_fixture("k2"), tmp_path / "i64", lambda t: {**t, i64: np.ones(32, np.int64)})
+    with pytest.raises(HFError, match=f"{i64} has dtype I64"):
+        hf.load(d)
+    with pytest.raises(HFError, match="hidden_size come from config.json"):
+        hf.load(_fixture("k2"), hidden_size=64)
     bad = tmp_path / "llama"
     shutil.copytree(_fixture("k2"), bad)
     c = json.load(open(bad / "config.json"))
@@ -163,6 +179,36 @@ def test_skips_mtp_layers_and_rejects_other_models(tmp_path):
         hf.load(bad)
     with pytest.raises(HFError, match="not a directory"):
         hf.load(tmp_path / "nowhere")
+
+
+def test_tied_checkpoint_may_carry_a_head(tmp_path):
+    """transformers loads a tied model whose file still has lm_head.weight (and re-ties)."""
+    ref = np.load(os.path.join(_fixture("qproj"), "expected.npz"))
+    d = _rewrite(_fixture("qproj"), tmp_path / "head",
+                 lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
+    _, model = hf.load(d)
+    logits, _ = model(jnp.asarray(ref["tokens"]))
+    np.testing.assert_allclose(logits, ref["logits"], rtol=1e-4, atol=1e-4)
+    d = _rewrite(_fixture("qproj"), tmp_path / "bad",
+                 lambda t: {**t, "lm_head.weight": np.ones((3, 32), np.float32)})
+    with pytest.raises(HFError, match="lm_head.weight \\[3, 32\\]"):
+        hf.load(d)
+
+
+def test_config_keys_mean_what_they_mean_to_transformers():
+    d = json.load(open(os.path.join(_fixture("k2"), "config.json")))
+    minimal = {k: v for k, v in d.items() if k not in ("n_group", "first_k_dense_replace")}
+    cfg = hf.config_from_hf({**minimal, "n_routed_experts": 16})
+    assert (cfg.n_group, cfg.first_k_dense_replace) == (8, 3)  # DeepseekV3Config defaults
+    plain = {k: v for k, v in d.items() if k != "rope_parameters"}
+    assert hf.config_from_hf(plain).rope_theta == 10000.0
+    bad = {**d, "rope_parameters": {**d["rope_parameters"], "attention_factor": 0.5}}
+    with pytest.raises(ConfigError, match="attention_factor=0.5"):
+        hf.config_from_hf(bad)
+    k2 = config.preset("kimi-k2")
+    assert hf.config_from_hf(hf.config_to_hf(k2), dtype="bfloat16") == k2
+    with pytest.raises(HFError, match="max_position_embeddings=4096 must equal"):
+        hf.config_to_hf(config.preset("small", "rope_scaling.factor=4"))
 
 
 def test_missing_and_corrupt_shards(tmp_path):
@@ -209,45 +255,76 @@ def test_reader_and_writer_agree_with_safetensors(tmp_path):
     np.testing.assert_array_equal(hf.read_tensor(info), bf["w"])
 
 
-def test_fp8_block_quantized_weights_are_dequantized(tmp_path):
-    """DeepSeek-V3 / Kimi-K2 publish fp8 e4m3 weights with one inverse scale per block."""
-    block = 8
-    names = ["model.layers.1.self_attn.q_b_proj.weight",
+FP8_NAMES = ["model.layers.1.self_attn.q_b_proj.weight",
              "model.layers.2.mlp.experts.5.down_proj.weight"]
+
+
+def _quantize(t, block, want):
+    """Block-wise e4m3 with one inverse scale per block, written out longhand."""
+    for n in FP8_NAMES:
+        w = t[n].astype(np.float32)
+        rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+        scale = np.zeros((rows, cols), np.float32)
+        q = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
+        deq = np.zeros_like(w)
+        for i in range(rows):
+            for j in range(cols):
+                at = (slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block))
+                s = np.abs(w[at]).max() / 448.0
+                q[at] = (w[at] / s).astype(ml_dtypes.float8_e4m3fn)
+                deq[at] = q[at].astype(np.float32) * s
+                scale[i, j] = s
+        t[n], t[n + "_scale_inv"] = q, scale
+        want[n] = deq
+    return t
+
+
+def _fp8_checkpoint(tmp_path, block, edit=lambda t: t, quant=None):
     want = {}
-
-    def quantize(t):
-        for n in names:
-            w = t[n].astype(np.float32)
-            rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
-            scale = np.zeros((rows, cols), np.float32)
-            q = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
-            deq = np.zeros_like(w)
-            for i in range(rows):
-                for j in range(cols):
-                    blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
-                    s = np.abs(blk).max() / 448.0
-                    qb = (blk / s).astype(ml_dtypes.float8_e4m3fn)
-                    q[i * block:(i + 1) * block, j * block:(j + 1) * block] = qb
-                    deq[i * block:(i + 1) * block, j * block:(j + 1) * block] = (
-                        qb.astype(np.float32) * s)
-                    scale[i, j] = s
-            t[n], t[n + "_scale_inv"] = q, scale
-            want[n] = deq
-        return t
-
-    d = _rewrite(_fixture("k2"), tmp_path / "fp8", quantize)
+    d = _rewrite(_fixture("k2"), tmp_path / f"fp8_{block}",
+                 lambda t: edit(_quantize(t, block, want)))
     c = json.load(open(d / "config.json"))
-    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                "weight_block_size": [block, block]}
+    c["quantization_config"] = quant or {"quant_method": "fp8", "fmt": "e4m3",
+                                         "weight_block_size": [block, block]}
     (d / "config.json").write_text(json.dumps(c))
+    return d, want
+
+
+@pytest.mark.parametrize("block", [8, 5])  # 5 divides no dimension: partial edge blocks
+def test_fp8_block_quantized_weights_are_dequantized(tmp_path, block):
+    """DeepSeek-V3 / Kimi-K2 publish fp8 e4m3 weights with one inverse scale per block."""
+    d, want = _fp8_checkpoint(tmp_path, block)
     _, model = hf.load(d)
     _, ref = hf.load(_fixture("k2"))
     q_b = np.asarray(model.layers[1].attn.q_b[...])
-    np.testing.assert_array_equal(q_b, want[names[0]].T.reshape(q_b.shape))
-    np.testing.assert_array_equal(np.asarray(model.layers[2].moe.w_down[5]), want[names[1]].T)
+    np.testing.assert_array_equal(q_b, want[FP8_NAMES[0]].T.reshape(q_b.shape))
+    np.testing.assert_array_equal(np.asarray(model.layers[2].moe.w_down[5]),
+                                  want[FP8_NAMES[1]].T)
+    np.testing.assert_array_equal(np.asarray(model.layers[2].moe.w_down[4]),
+                                  np.asarray(ref.layers[2].moe.w_down[4]))
     err = np.abs(q_b - np.asarray(ref.layers[1].attn.q_b[...])).max()
     assert 0 < err < 0.05 * np.abs(q_b).max()  # quantized, not garbage
+
+
+def test_fp8_scales_are_checked(tmp_path):
+    q_b, down = FP8_NAMES
+
+    def break_scales(t):
+        del t[down + "_scale_inv"]  # an fp8 weight without its scale
+        t[q_b + "_scale_inv"] = t[q_b + "_scale_inv"][:, :1]  # too few blocks
+        t["model.norm.weight_scale_inv"] = np.ones((1, 1), np.float32)  # not an fp8 weight
+        return t
+
+    d, _ = _fp8_checkpoint(tmp_path, 8, break_scales)
+    with pytest.raises(HFError) as e:
+        hf.load(d)
+    msg = str(e.value)
+    assert "1 unexpected: model.norm.weight_scale_inv" in msg, msg
+    assert f"{down} is F8_E4M3 without {down}_scale_inv" in msg, msg
+    assert f"{q_b}_scale_inv [6, 1] (expected one scale per 8×8 block of [48, 16])" in msg, msg
+    d, _ = _fp8_checkpoint(tmp_path / "int4", 8, quant={"quant_method": "compressed-tensors"})
+    with pytest.raises(HFError, match="quant_method='compressed-tensors' is not supported"):
+        hf.load(d)
 
 
 def test_load_onto_a_mesh_equals_one_device():
