@@ -5,7 +5,7 @@ One ``orbax.checkpoint.CheckpointManager`` per run directory with two items per 
 - ``state``: any pytree of jax arrays (params, optax states with ``MaskedNode`` holes,
   the int32 step, ``jax.random.key_data``), sharded or not. ``nnx.State`` nodes are stored
   as pure dicts (``nnx.to_pure_dict``) so the on-disk layout is plain nested names that
-  survive NNX's Variable-representation changes and that ``hf.py`` can read; restore puts
+  survive NNX's Variable-representation changes and other tools can read; restore puts
   them back into ``nnx.State`` when the abstract state has one there.
 - ``data``: grain's own orbax handler (``grain.checkpoint.CheckpointSave``), which writes
   ``process_{i}-of-{n}.json`` per process, because every host has its own iterator.

@@ -47,6 +47,13 @@ def learning_rate(cfg: Config, peak=None) -> Callable:
                           final_ratio=o.final_lr_ratio, decay_fraction=o.decay_fraction)
 
 
+def hyperparams(cfg: Config) -> dict[str, jax.Array]:
+    """The injected hyperparameters of ``build_optimizer``'s state, from the config."""
+    o = cfg.optimizer
+    return {"lr": jnp.float32(o.lr), "adam_lr": jnp.float32(o.lr if o.adam_lr is None
+                                                            else o.adam_lr)}
+
+
 def build_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
     """The configured optimizer; QK-Clip is chained when ``optimizer.clip_enabled``.
 
@@ -73,15 +80,7 @@ def build_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
             tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
         return tx
 
-    return optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(
-        lr=o.lr, adam_lr=o.lr if o.adam_lr is None else o.adam_lr)
-
-
-def hyperparams(cfg: Config) -> dict[str, jax.Array]:
-    """The injected hyperparameters of ``build_optimizer``'s state, from the config."""
-    o = cfg.optimizer
-    return {"lr": jnp.float32(o.lr), "adam_lr": jnp.float32(o.lr if o.adam_lr is None
-                                                            else o.adam_lr)}
+    return optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(**hyperparams(cfg))
 
 
 def with_config_lr(state: TrainState, cfg: Config) -> TrainState:

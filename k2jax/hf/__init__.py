@@ -18,11 +18,8 @@ multi-token-prediction layers those checkpoints carry after the decoder
 
 Loading builds each variable with ``jax.make_array_from_callback``: every device
 reads only its own slice (for an expert stack, only its experts) from memory-mapped
-shards, so no process ever holds the whole model. The reader
-decodes the safetensors format (an 8-byte header length, a JSON header, raw
-little-endian data; https://github.com/huggingface/safetensors#format) itself
-because safetensors' numpy API cannot decode BF16 or F8 tensors; the tests check
-it against the safetensors library. A checkpoint that does not match its
+shards (k2jax/hf/files.py), so no process ever holds the whole model. config.json
+translation lives in k2jax/hf/config.py. A checkpoint that does not match its
 config is one :class:`HFError` listing every missing, unexpected and mis-shaped
 tensor; nothing is half-loaded.
 """
@@ -38,224 +35,17 @@ import tempfile
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from k2jax.config import ConfigError, ModelConfig, YarnConfig
+from k2jax.config import ConfigError, ModelConfig
+from k2jax.hf.config import HFError, _read_json, config_from_hf, config_to_hf
+from k2jax.hf.files import TensorInfo, read_header, read_tensor, write_safetensors
 from optim.partition import path_str
 
-
-class HFError(ConfigError):
-    """A Hugging Face checkpoint cannot be read or does not match its config (a
-    ConfigError too: the checkpoint is what configures the model)."""
-
-
-# ---------------------------------------------------------------------------
-# config.json
-
-MODEL_TYPES = ("deepseek_v3", "kimi_k2")
-# Keys of a config.json that carry nothing k2jax models (tokens, runtime, bookkeeping).
-_IGNORED = {
-    "architectures", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id",
-    "torch_dtype", "dtype", "transformers_version", "use_cache", "pretraining_tp",
-    "attention_dropout", "num_nextn_predict_layers", "seq_aux", "ep_size",
-    "quantization_config", "model_type", "rope_interleave", "moe_layer_freq",
-    "hidden_act", "scoring_func", "topk_method", "attention_bias", "head_dim",
-    "qk_head_dim", "num_key_value_heads", "tie_word_embeddings", "rope_scaling",
-    "rope_parameters", "id2label", "label2id", "output_attentions",
-    "output_hidden_states", "output_router_logits", "return_dict", "num_mtp_layers",
-}
-# transformers' DeepseekV3Config defaults (v5.24), for keys a config.json leaves out:
-# a missing key means what it means to transformers, not k2jax's own default.
-_HF_DEFAULTS = {
-    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
-    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
-    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-    "first_k_dense_replace": 3, "norm_topk_prob": True, "max_position_embeddings": 4096,
-    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-}
-# Values k2jax requires, since the model implements only these.
-_REQUIRED = {
-    "hidden_act": "silu", "scoring_func": "sigmoid", "moe_layer_freq": 1,
-    "attention_bias": False, "rope_interleave": True, "topk_method": "noaux_tc",
-}
-_YARN_FIELDS = {f.name for f in dataclasses.fields(YarnConfig)}
-
-
-def _read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what}: no {os.path.basename(path)} at {path}")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what}: {path} is not valid JSON ({e})") from None
-
-
-def _rope(config: dict) -> tuple[float, YarnConfig | None]:
-    """(rope_theta, YaRN) from the legacy ``rope_theta`` + ``rope_scaling`` keys (the
-    published configs) or transformers 5's ``rope_parameters``. A key k2jax does not
-    implement (e.g. ``attention_factor``) is an error, not silently dropped."""
-    rs = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    theta = config.get("rope_theta", rs.get("rope_theta", _HF_DEFAULTS["rope_theta"]))
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    known = {"rope_type", "type", "rope_theta"} | (_YARN_FIELDS if kind == "yarn" else set())
-    bad = [f"{k}={v!r}" for k, v in rs.items() if k not in known or v is None]
-    if kind not in ("default", "yarn") or bad:
-        raise ConfigError(f"from_hf: rope_scaling {', '.join(bad) or f'type {kind!r}'} is not "
-                          f"supported (need 'yarn' with {', '.join(sorted(_YARN_FIELDS))})")
-    if kind == "default":
-        return theta, None
-    return theta, YarnConfig(**{k: v for k, v in rs.items() if k in _YARN_FIELDS})
-
-
-def config_from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a DeepseekV3 / Kimi-K2 ``config.json`` (the dict, the
-    file, or its directory). ``overrides`` set k2jax-only fields (e.g. ``dtype``,
-    ``moe_impl``). Multi-token-prediction layers are not modelled, as transformers'
-    ``DeepseekV3ForCausalLM`` does not build them either."""
-    if not isinstance(config, dict):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        config = _read_json(path, "from_hf")
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"from_hf: unsupported model_type {model_type!r} "
-                          f"(supported: {', '.join(MODEL_TYPES)})")
-    for key, want in _REQUIRED.items():
-        if key in config and config[key] != want:
-            raise ConfigError(f"from_hf: {key}={config[key]!r} is not supported (need {want!r})")
-    if config.get("num_key_value_heads", config.get("num_attention_heads")) != config.get(
-            "num_attention_heads"):
-        raise ConfigError("from_hf: num_key_value_heads must equal num_attention_heads for MLA")
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    kwargs: dict[str, Any] = {k: v for k, v in _HF_DEFAULTS.items() if k != "rope_theta"}
-    for key, value in config.items():
-        if key in _IGNORED or key.startswith("_"):
-            continue
-        if key not in names:
-            raise ConfigError(f"from_hf: unknown config.json key {key!r}")
-        kwargs[key] = value
-    kwargs["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
-    kwargs["rope_theta"], kwargs["rope_scaling"] = _rope(config)
-    kwargs["dtype"] = "float32"
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)
-
-
-# Fields of ModelConfig that are k2jax's (training, dispatch, numerics), not the architecture.
-_K2JAX_ONLY = {"attention", "num_key_value_heads", "head_dim", "qk_norm", "rope_scaling",
-               "router_bias_update_rate", "moe_impl", "moe_block_size", "dtype",
-               "param_dtype"}
-
-
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """The ``config.json`` of ``cfg`` in the published configs' (legacy) form, which
-    transformers 4 and 5 both read. Raises HFError for what the HF architecture lacks."""
-    if cfg.attention != "mla" or cfg.qk_norm:
-        raise HFError("save: DeepseekV3ForCausalLM has MLA attention without qk_norm; this "
-                      f"model has attention={cfg.attention!r}, qk_norm={cfg.qk_norm}")
-    out: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"],
-                           "model_type": "deepseek_v3"}
-    out.update({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                if f.name not in _K2JAX_ONLY})
-    rs = cfg.rope_scaling
-    if rs is not None and cfg.max_position_embeddings != rs.factor * (
-            rs.original_max_position_embeddings):
-        # some transformers versions re-derive the factor from these two
-        raise HFError(f"save: max_position_embeddings={cfg.max_position_embeddings} must equal "
-                      f"rope_scaling.factor × original_max_position_embeddings = "
-                      f"{rs.factor * rs.original_max_position_embeddings:g} for transformers")
-    out["rope_scaling"] = None if rs is None else {
-        "type": "yarn", "rope_type": "yarn",
-        **{k: v for k, v in dataclasses.asdict(rs).items() if v or not k.startswith("mscale")}}
-    out.update(_REQUIRED, num_key_value_heads=cfg.num_attention_heads,
-               num_nextn_predict_layers=0, torch_dtype=cfg.param_dtype)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# safetensors files
-
-_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-
-
-def read_header(file: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """(name -> TensorInfo, ``__metadata__``) of one .safetensors file; checks that every
-    tensor's byte range fits its dtype, shape and the file."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if n < 2 or 8 + n > size:
-            raise HFError(f"{file}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HFError(f"{file}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise HFError(f"{file}: not a safetensors file (header is not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    out = {}
-    for name, h in header.items():
-        try:
-            dtype, shape, (b, e) = h["dtype"], tuple(h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise HFError(f"{file}: malformed header entry for {name!r}") from None
-        if dtype not in _DTYPES:
-            raise HFError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
-        if e - b != math.prod(shape) * _DTYPES[dtype].itemsize or b < 0 or 8 + n + e > size:
-            raise HFError(f"{file}: tensor {name!r} {dtype}{list(shape)} does not fit bytes "
-                          f"[{b}, {e}) of the data (file truncated or corrupt)")
-        out[name] = TensorInfo(file, dtype, shape, 8 + n + b, 8 + n + e)
-    return out, meta
-
-
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """The tensor, as a read-only view of the memory-mapped file (no copy)."""
-    mm = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start,
-                   shape=(info.end - info.start,))
-    return mm.view(_DTYPES[info.dtype]).reshape(info.shape)
-
-
-def write_safetensors(file: str, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` in the safetensors format (header padded to 8 bytes)."""
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, x in tensors.items():
-        if x.dtype not in _NAMES:
-            raise HFError(f"save: tensor {name!r} has unsupported dtype {x.dtype}")
-        header[name] = {"dtype": _NAMES[x.dtype], "shape": list(x.shape),
-                        "data_offsets": [offset, offset + x.nbytes]}
-        offset += x.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(file, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for x in tensors.values():
-            f.write(np.ascontiguousarray(x).tobytes())
+__all__ = ["HFError", "Spec", "TRAINING_FIELDS", "TensorInfo", "check", "config_from_hf",
+           "config_to_hf", "load", "read_header", "read_tensor", "save", "tensor_specs",
+           "write_safetensors"]
 
 
 # ---------------------------------------------------------------------------
