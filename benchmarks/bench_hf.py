@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from flax import nnx
 
-    from k2jax import config, hf, params
+    from k2jax import hf, params, presets
     from k2jax.model import Transformer
 
-    cfg = config.preset(args.preset, *args.overrides)
+    cfg = presets.preset(args.preset, *args.overrides)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     total, _ = params.count(cfg)
     tmp = tempfile.mkdtemp()

@@ -5,7 +5,8 @@
 
 Times are the median of ``--iters`` jitted calls after one warm-up (compile)
 call, each synchronised with ``block_until_ready``. Results go to stdout as a
-Markdown table; copy them into benchmarks/RESULTS.md with the date.
+Markdown table; copy them into benchmarks/RESULTS.md with the date, the commit
+and the machine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import jax
 from flax import nnx
 
-from k2jax import config, params
+from k2jax import params, presets
 from k2jax.model import Transformer, cross_entropy
 
 
@@ -60,7 +61,7 @@ def main(argv=None):
         print("\n| preset | moe_impl | total params | active params | fwd+bwd s | tokens/s |")
         print("|---|---|---|---|---|---|")
         for impl in [i for i in args.impls if i != "dense"]:
-            cfg = config.preset(args.preset, f"moe_impl={impl}")
+            cfg = presets.preset(args.preset, f"moe_impl={impl}")
             total, active = params.count(cfg)
             s = time_fwd_bwd(cfg, args.batch, args.seq, args.iters)
             print(f"| {args.preset} | {impl} | {total:,} | {active:,} | {s:.3f} | "
@@ -70,7 +71,7 @@ def main(argv=None):
         print("|---|---|---|---|---|---|")
         for impl in args.impls:
             for e in (8, 64):
-                cfg = config.preset(args.preset, f"n_routed_experts={e}", f"moe_impl={impl}")
+                cfg = presets.preset(args.preset, f"n_routed_experts={e}", f"moe_impl={impl}")
                 s = time_fwd_bwd(cfg, args.batch, args.seq, args.iters)
                 print(f"| {e} | {cfg.num_experts_per_tok} | {impl} | {params.count(cfg)[0]:,} | "
                       f"{s:.3f} | {tokens / s:,.0f} |", flush=True)

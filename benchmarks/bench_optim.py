@@ -25,8 +25,9 @@ import optax.contrib
 from flax import nnx
 
 import optim
-from k2jax import config, params
-from k2jax.model import Transformer, qk_layout
+from k2jax import optimizer, params, presets
+from k2jax.model import Transformer
+from k2jax.optimizer import qk_layout
 from optim.newton_schulz import JORDAN
 
 
@@ -59,7 +60,7 @@ def bench_ns(iters: int):
 
 def optax_contrib_muon(lr, part: optim.Partition, p):
     def dimnums(kp, x):
-        target = part.assign(optim.partition.path_str(kp), x.shape)
+        target = part.assign(optim.paths.path_str(kp), x.shape)
         if target == optim.ADAMW:
             return None
         return optax.contrib.MuonDimensionNumbers(target.fan_in, target.fan_out)
@@ -70,11 +71,11 @@ def optax_contrib_muon(lr, part: optim.Partition, p):
 
 
 def bench_step(preset: str, iters: int):
-    cfg = config.preset(preset)
+    cfg = presets.preset(preset)
     p = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), p)
     s = jnp.full((cfg.num_hidden_layers, cfg.num_attention_heads), 150.0)
-    part = params.partition(cfg)
+    part = optimizer.partition(cfg)
     txs = {
         "optax.contrib.muon": optax_contrib_muon(1e-3, part, p),
         "adamw": optim.adamw(1e-3),

@@ -24,7 +24,7 @@ Defaults, and why:
   clipped runs sit ~1.15τ: each step's max is read on a new batch, after one
   more update than the clip saw.)
 - 16 × 128 tokens per step, 160 steps: 12 runs take ~13.5 minutes here. The
-  peak lr is an optimizer-state hyperparameter (k2jax.train.build_optimizer), so
+  peak lr is an optimizer-state hyperparameter (k2jax.optimizer.build_optimizer), so
   the runs of one optimizer compile to the same programs, and JAX's persistent
   compilation cache (k2jax.loop.enable_compilation_cache) compiles each once.
 At this scale instability shows as a plateau or a divergence as often as a
@@ -47,16 +47,20 @@ import platform
 import sys
 import time
 
+import matplotlib
 import numpy as np
 
-from k2jax import config as config_lib
+from k2jax import atomic, loop, metrics, presets
 from k2jax.config import ConfigError
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 OPTIMIZERS = {  # label -> optimizer overrides
     "adamw": ["optimizer.name=adamw", "optimizer.qk_clip=false"],
     "adamw+clip": ["optimizer.name=adamw", "optimizer.qk_clip=true"],
     "muon": ["optimizer.name=muon", "optimizer.qk_clip=false"],
-    "muonclip": ["optimizer.name=muonclip", "optimizer.qk_clip=true"],
+    "muonclip": ["optimizer.name=muon", "optimizer.qk_clip=true"],
 }
 DEFAULT = dict(lrs=(0.01, 0.03, 0.1), tau=30.0, steps=160,
                base=["data.global_batch_size=16", "data.seq_len=128",
@@ -81,8 +85,6 @@ class Run:
 
 def summarize(run_dir: str, run: Run, tau: float, clipped: bool) -> dict:
     """The per-run numbers of summary.json, from the run's metrics.jsonl."""
-    from k2jax import metrics
-
     rows = metrics.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     train = [r for r in rows if "train/loss" in r]
     losses = np.array([r["train/loss"] for r in train], float)
@@ -172,13 +174,6 @@ def write_report(out: str, summary: list[dict], tau: float, meta: dict) -> None:
 
 
 def plot(out: str, summary: list[dict], tau: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from k2jax import metrics
-
     labels = list(dict.fromkeys(s["optimizer"] for s in summary))
     lrs = sorted({s["lr"] for s in summary})
     colors = dict(zip(lrs, plt.cm.viridis(np.linspace(0.1, 0.85, len(lrs)))))
@@ -207,29 +202,27 @@ def plot(out: str, summary: list[dict], tau: float) -> None:
 
 
 def _train_all(runs: list[Run], cfgs: dict, out: str, tau: float) -> list[dict]:
-    from k2jax import loop
-
     summary = []
     for i, run in enumerate(runs):
         cfg = cfgs[run.name]
         run_dir = os.path.join(out, run.name)
         os.makedirs(run_dir)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        atomic.write_text(os.path.join(run_dir, "config.json"),
+                          json.dumps(dataclasses.asdict(cfg), indent=2))
         print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
         try:
             loop.run(cfg, run_dir, progress=True)
         except loop.TrainingError as e:
             print(f"  stopped: {e}", flush=True)
-        summary.append(summarize(run_dir, run, tau, cfg.optimizer.clip_enabled))
+        summary.append(summarize(run_dir, run, tau, cfg.optimizer.qk_clip))
     return summary
 
 
-def main(argv=None) -> int:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", help="output directory (default: runs/spike_study-TIMESTAMP)")
-    ap.add_argument("--quick", action="store_true", help="3 runs at the top lr, ~3 minutes")
+    ap.add_argument("--quick", action="store_true", help="3 runs at the top lr, ~1.5 minutes")
     ap.add_argument("--lrs", help="comma-separated learning rates")
     ap.add_argument("--tau", type=float)
     ap.add_argument("--steps", type=int)
@@ -237,42 +230,42 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="dotted config overrides applied to every run")
-    args = ap.parse_args(argv)
-    spec = {**DEFAULT, "optimizers": tuple(OPTIMIZERS)}
-    if args.quick:
-        spec.update(QUICK)
+    return ap.parse_args(argv)
+
+
+def plan(args) -> tuple[list[Run], dict, str, float, int]:
+    """(runs, their configs, output directory, tau, steps) from the arguments, every
+    problem raised as one ConfigError before anything is written."""
+    spec = {**DEFAULT, "optimizers": tuple(OPTIMIZERS), **(QUICK if args.quick else {})}
     try:
         if args.lrs:
             spec["lrs"] = tuple(float(x) for x in args.lrs.split(","))
-        if args.optimizers:
-            spec["optimizers"] = tuple(x.strip() for x in args.optimizers.split(","))
     except ValueError:
-        print(f"error: --lrs {args.lrs!r}: expected comma-separated numbers", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--lrs {args.lrs!r}: expected comma-separated numbers") from None
+    if args.optimizers:
+        spec["optimizers"] = tuple(x.strip() for x in args.optimizers.split(","))
     unknown = [o for o in spec["optimizers"] if o not in OPTIMIZERS]
     if unknown:
-        print(f"error: --optimizers: unknown {unknown[0]!r} (have {', '.join(OPTIMIZERS)})",
-              file=sys.stderr)
-        return 2
-    tau = args.tau or spec["tau"]
-    steps = args.steps or spec["steps"]
+        raise ConfigError(f"--optimizers: unknown {unknown[0]!r} (have {', '.join(OPTIMIZERS)})")
+    tau, steps = args.tau or spec["tau"], args.steps or spec["steps"]
     runs = [Run(o, lr) for o in spec["optimizers"] for lr in spec["lrs"]]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.workdir or os.path.join("runs", f"spike_study-{stamp}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        print(f"error: --workdir {out} exists and is not empty; choose a new directory",
-              file=sys.stderr)
-        return 2
+    if (why := atomic.occupied(out)) is not None:
+        raise ConfigError(f"--workdir {why}; choose a new directory")
     base = [*spec["base"], f"train.steps={steps}", f"optimizer.tau={tau}", *args.overrides]
+    cfgs = {r.name: presets.load(args.preset, [*base, *OPTIMIZERS[r.label],
+                                               f"optimizer.lr={r.lr}"]) for r in runs}
+    return runs, cfgs, out, tau, steps
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
     try:
-        cfgs = {r.name: config_lib.load(args.preset, [*base, *OPTIMIZERS[r.label],
-                                                      f"optimizer.lr={r.lr}"]) for r in runs}
+        runs, cfgs, out, tau, steps = plan(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    from k2jax import loop
-
     loop.enable_compilation_cache()
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
@@ -281,8 +274,8 @@ def main(argv=None) -> int:
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "minutes": (time.time() - t0) / 60, "tau": tau, "steps": steps}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"meta": meta, "runs": summary}, f, indent=2)
+    atomic.write_text(os.path.join(out, "summary.json"),
+                      json.dumps({"meta": meta, "runs": summary}, indent=2))
     write_report(out, summary, tau, meta)
     print(paragraph(summary, tau))
     print(f"wrote {out}/summary.json, report.md, report.png")

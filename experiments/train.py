@@ -27,8 +27,12 @@ import json
 import os
 import sys
 
-from k2jax import config as config_lib
-from k2jax.config import Config, ConfigError
+import jax
+from jax.experimental import multihost_utils
+
+from k2jax import atomic, hf, loop, overrides, presets
+from k2jax.config import Config, ConfigError, TrainConfig
+from k2jax.data import DataError, sources
 
 
 def _fail(msg: str) -> None:
@@ -36,34 +40,37 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+def load_config(source: str, changes: list[str]) -> Config:
+    """``--config``: a preset name, a config JSON file, or a Hugging Face checkpoint
+    directory (its architecture, ``train.init_from`` = its weights); then overrides."""
+    if os.path.isdir(source):
+        cfg = Config(model=hf.config_from_hf(source),
+                     train=TrainConfig(init_from=os.path.abspath(source)))
+        return overrides.apply(cfg, changes)
+    return presets.load(source, changes)
+
+
 def resolve(args) -> Config:
     """The run's config, checked completely (including data paths) before any write."""
-    from k2jax.data import DataError, sources
-
     cfg_path = os.path.join(args.workdir, "config.json")
     if args.resume:
         if not os.path.isfile(cfg_path):
             _fail(f"--resume: {cfg_path} does not exist (nothing to resume)")
-        cfg = config_lib.load(cfg_path)
         bad = [o for o in args.overrides if not o.strip().startswith("train.")]
         if bad:
             _fail(f"--resume: only train.* keys may change on resume, got {bad[0]!r}")
-        cfg = config_lib.override(cfg, args.overrides)
+        cfg = presets.load(cfg_path, args.overrides)
     else:
         if args.config is None:
-            _fail("--config is required (a preset name or a config JSON file)")
-        if os.path.isdir(args.workdir) and os.listdir(args.workdir):
-            _fail(f"--workdir {args.workdir} is not empty; use --resume to continue it or "
-                  f"choose a new directory")
-        if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
-            _fail(f"--workdir {args.workdir} exists and is not a directory")
-        cfg = config_lib.load(args.config, args.overrides)
+            _fail("--config is required (a preset name, a config JSON file or a checkpoint "
+                  "directory)")
+        if (why := atomic.occupied(args.workdir)) is not None:
+            _fail(f"--workdir {why}; use --resume to continue it or choose a new directory")
+        cfg = load_config(args.config, args.overrides)
     if cfg.train.init_from and not args.resume:
-        from k2jax import hf
-
         try:
             hf.check(cfg.train.init_from, cfg.model)
-        except (hf.HFError, ConfigError) as e:
+        except ConfigError as e:  # hf.HFError is a ConfigError
             _fail(f"train.init_from: {e}")
     try:
         if cfg.data.source != "stdlib":
@@ -76,8 +83,8 @@ def resolve(args) -> Config:
 
 
 def write_config(cfg: Config, workdir: str, resume: bool) -> None:
-    import jax
-
+    """``workdir/config.json``; on a resume that changed it, the old one is kept as
+    ``config.before-resume-N.json``, never overwritten."""
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
@@ -90,14 +97,13 @@ def write_config(cfg: Config, workdir: str, resume: bool) -> None:
             return
         n = sum(1 for name in os.listdir(workdir) if name.startswith("config.before-resume"))
         os.replace(path, os.path.join(workdir, f"config.before-resume-{n}.json"))
-    with open(path, "w") as f:
-        f.write(text)
+    atomic.write_text(path, text)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="model preset name or config JSON file")
+    ap.add_argument("--config", help="preset name, config JSON file or HF checkpoint directory")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
@@ -107,19 +113,10 @@ def main(argv=None) -> int:
         cfg = resolve(args)
     except ConfigError as e:
         _fail(str(e))
-
-    import jax
-
     if cfg.mesh.distributed:
         m = cfg.mesh
         jax.distributed.initialize(m.coordinator_address, m.num_processes, m.process_id)
-    from jax.experimental import multihost_utils
-
-    from k2jax import loop
-    from k2jax.data import DataError
-
     loop.enable_compilation_cache()
-
     multihost_utils.sync_global_devices("k2jax: config checked")  # no host writes before
     write_config(cfg, args.workdir, args.resume)
     try:

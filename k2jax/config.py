@@ -1,15 +1,18 @@
-"""Typed, frozen, validated configs; presets; dotted overrides; Hugging Face import.
+"""Typed, frozen, validated configs, built from dicts, JSON files and dotted overrides.
 
 Field names follow Hugging Face's ``DeepseekV3Config`` wherever one exists, so a
 published ``config.json`` maps onto :class:`ModelConfig` key for key
-(:func:`from_hf`). Every config validates itself on construction, and every
-error names the offending field, so a bad sweep fails before any compute.
+(``k2jax.hf.config_from_hf``). Every config validates itself on construction, and
+every error names the offending field, so a bad sweep fails before any compute.
+Named model shapes live in ``k2jax/presets.py``. This module is the root of the
+import graph: it imports nothing from the project.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import types
@@ -103,25 +106,13 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
-        pos = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-               "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
-               "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings")
-        for name in pos:
-            _check(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
-        for name in ("q_lora_rank", "num_key_value_heads", "head_dim"):
-            v = getattr(self, name)
-            _check(v is None or v > 0, name, v, "must be positive or None")
-        _check(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts,
-               "must be >= 0")
-        _check(self.attention in ("mla", "mha"), "attention", self.attention,
-               "must be 'mla' or 'mha'")
-        _check(self.moe_impl in ("auto", "blocked", "ragged", "dense"), "moe_impl",
-               self.moe_impl, "must be 'auto', 'blocked', 'ragged' or 'dense'")
-        _check(self.moe_block_size >= 0, "moe_block_size", self.moe_block_size, "must be >= 0")
-        for name in ("dtype", "param_dtype"):
-            _check(getattr(self, name) in ("float32", "bfloat16"), name, getattr(self, name),
-                   "must be 'float32' or 'bfloat16'")
+        _check_fields(self, "", positive=(
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+            "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+            "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+            "n_group", "topk_group", "max_position_embeddings", "q_lora_rank",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "initializer_range",
+            "rope_theta"), non_negative=("n_shared_experts", "moe_block_size"))
         _check(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
                "first_k_dense_replace", self.first_k_dense_replace,
                f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
@@ -140,10 +131,6 @@ class ModelConfig:
                "group scores sum each group's top-2 experts: need >= 2 experts per group")
         _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim,
                "must be even (RoPE rotates pairs)")
-        _check(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be positive")
-        _check(self.initializer_range > 0, "initializer_range", self.initializer_range,
-               "must be positive")
-        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be positive")
         if self.attention == "mha":
             _check(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
                    "num_attention_heads", self.num_attention_heads,
@@ -193,27 +180,26 @@ class DataConfig:
     prefetch: int = 8  # batches read ahead
 
     def __post_init__(self):
-        for name in ("bpe_vocab_size", "seq_len", "global_batch_size", "num_threads"):
-            _check(getattr(self, name) > 0, f"data.{name}", getattr(self, name),
-                   "must be positive")
+        _check_fields(self, "data.", positive=("bpe_vocab_size", "seq_len", "global_batch_size",
+                                               "num_threads"), non_negative=("prefetch",))
         _check(self.bpe_vocab_size >= 258, "data.bpe_vocab_size", self.bpe_vocab_size,
                "must be >= 258 (256 bytes + specials)")
-        _check(self.prefetch >= 0, "data.prefetch", self.prefetch, "must be >= 0")
         _check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction,
                "must be in (0, 1)")
-        _check(self.source in ("stdlib", "text", "shards"), "data.source", self.source,
-               "must be 'stdlib', 'text' or 'shards'")
-        _check(self.tokenizer in ("byte", "bpe"), "data.tokenizer", self.tokenizer,
-               "must be 'byte' or 'bpe'")
         _check(self.source == "stdlib" or bool(self.paths), "data.paths", self.paths,
                f"source={self.source!r} needs paths")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """optim.build arguments (optim/factory.py) plus the learning-rate schedule."""
+    """optim.build arguments (optim/factory.py) plus the learning-rate schedule.
 
-    name: Literal["adamw", "muon", "muonclip"] = "muonclip"
+    ``name`` picks the update rule, ``qk_clip`` whether QK-Clip follows it: MuonClip
+    (Kimi K2) is ``name=muon qk_clip=true``, the AdamW ablation ``name=adamw
+    qk_clip=true``. Two switches, so a 2x2 sweep is a grid over both.
+    """
+
+    name: Literal["adamw", "muon"] = "muon"
     lr: float = 3e-3
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -227,7 +213,7 @@ class OptimizerConfig:
     rms_scale: float = 0.2
     adam_lr: float | None = None  # AdamW group under Muon; None = lr
     adam_weight_decay: float | None = None  # None = weight_decay
-    qk_clip: bool | None = None  # None: on for muonclip only; true adds it to any optimizer
+    qk_clip: bool = False  # rescale q/k weights of heads whose max logit passed tau
     tau: float = 100.0
     monitor_only: bool = False  # QK-Clip records statistics but never rescales
     schedule: Literal["constant", "cosine", "wsd"] = "cosine"
@@ -237,22 +223,13 @@ class OptimizerConfig:
     grad_clip_norm: float | None = None  # global-norm clipping before the optimizer
 
     def __post_init__(self):
-        _check(self.lr > 0, "optimizer.lr", self.lr, "must be positive")
-        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        _check_fields(self, "optimizer.", positive=("lr", "ns_steps", "tau", "grad_clip_norm"),
+                      non_negative=("weight_decay", "warmup_steps"))
         _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optimizer.b1", self.b1,
                "b1 and b2 must be in [0, 1)")
-        _check(self.ns_steps > 0, "optimizer.ns_steps", self.ns_steps, "must be positive")
-        _check(self.tau > 0, "optimizer.tau", self.tau, "must be positive")
-        _check(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "must be >= 0")
         _check(0 <= self.final_lr_ratio <= 1, "optimizer.final_lr_ratio", self.final_lr_ratio,
                "must be in [0, 1]")
-        _check(self.grad_clip_norm is None or self.grad_clip_norm > 0, "optimizer.grad_clip_norm",
-               self.grad_clip_norm, "must be positive or None")
-
-    @property
-    def clip_enabled(self) -> bool:
-        return self.name == "muonclip" if self.qk_clip is None else self.qk_clip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +246,7 @@ class MeshConfig:
     process_id: int | None = None
 
     def __post_init__(self):
+        _check_fields(self, "mesh.", non_negative=("num_processes", "process_id"))
         sizes = (self.data, self.fsdp, self.expert, self.tensor)
         _check(all(v == -1 or v > 0 for v in sizes), "mesh.data", sizes,
                "mesh sizes must be positive or -1")
@@ -293,12 +271,10 @@ class TrainConfig:
     init_from: str = ""  # a Hugging Face checkpoint directory (k2jax.hf) to start from
 
     def __post_init__(self):
-        for name in ("steps", "micro_batches", "log_every", "eval_every", "histogram_every",
-                     "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
-            _check(getattr(self, name) > 0, f"train.{name}", getattr(self, name),
-                   "must be positive")
-        _check(self.eval_batches >= 0, "train.eval_batches", self.eval_batches, "must be >= 0")
-        _check(self.z_loss >= 0, "train.z_loss", self.z_loss, "must be >= 0")
+        _check_fields(self, "train.", positive=(
+            "steps", "micro_batches", "log_every", "eval_every", "histogram_every",
+            "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "peak_flops"),
+            non_negative=("eval_batches", "z_loss"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,34 +293,8 @@ class Config:
                f"must divide data.global_batch_size={self.data.global_batch_size}")
 
 
-def load(preset_or_file: str, overrides: typing.Iterable[str] = ()) -> Config:
-    """A run config from a model preset name, a JSON file, or a Hugging Face checkpoint
-    directory (its architecture, and ``train.init_from`` = its weights), then dotted
-    overrides (``model.hidden_size=256``, ``optimizer.lr=1e-2``, ``data.seq_len=256``)."""
-    if preset_or_file in PRESETS:
-        cfg = Config(model=preset(preset_or_file))
-    elif os.path.isdir(preset_or_file):
-        cfg = Config(model=from_hf(preset_or_file),
-                     train=TrainConfig(init_from=os.path.abspath(preset_or_file)))
-    elif os.path.isfile(preset_or_file):
-        try:
-            with open(preset_or_file) as f:
-                values = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{preset_or_file}: not valid JSON ({e})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{preset_or_file}: expected a JSON object")
-        cfg = from_dict(Config, values)
-    else:
-        close = difflib.get_close_matches(preset_or_file, PRESETS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"--config {preset_or_file!r} is neither a preset "
-                          f"({', '.join(PRESETS)}), a file nor a checkpoint directory{hint}")
-    return override(cfg, overrides)
-
-
 # ---------------------------------------------------------------------------
-# validation and overrides
+# validation
 
 
 def _check(ok: bool, field: str, value: Any, why: str) -> None:
@@ -352,11 +302,45 @@ def _check(ok: bool, field: str, value: Any, why: str) -> None:
         raise ConfigError(f"{field}={value!r}: {why}")
 
 
-def _field_types(cls) -> dict[str, Any]:
+def suggest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    """"; did you mean 'PREFIX+closest'?" for an unknown ``name``, or "" if none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+# Spellings that once worked, and what to write now.
+RENAMED = {("optimizer.name", "muonclip"): "optimizer.name=muon optimizer.qk_clip=true"}
+
+
+def _check_fields(cfg, prefix: str, positive=(), non_negative=()) -> None:
+    """The checks every config shares: a Literal field holds one of its choices (an old
+    spelling is named with its new one), a bool is a bool, the ``positive`` fields are
+    > 0 and the ``non_negative`` ones >= 0 (None passes where the field allows it)."""
+    for name, tp in field_types(type(cfg)).items():
+        key, value = prefix + name, getattr(cfg, name)
+        inner, optional = unwrap_optional(tp)
+        if optional and value is None:
+            continue
+        if (key, value) in RENAMED:
+            raise ConfigError(f"{key}={value!r}: now spelled {RENAMED[key, value]}")
+        if typing.get_origin(inner) is Literal:
+            choices = typing.get_args(inner)
+            _check(value in choices, key, value, f"must be one of {', '.join(map(repr, choices))}")
+        elif inner is bool:
+            _check(isinstance(value, bool), key, value, "must be true or false")
+    for names, ok, why in ((positive, lambda v: v > 0, "must be positive"),
+                           (non_negative, lambda v: v >= 0, "must be >= 0")):
+        for name in names:
+            value = getattr(cfg, name)
+            _check(value is None or ok(value), prefix + name, value, why)
+
+
+@functools.cache
+def field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _unwrap_optional(tp):
+def unwrap_optional(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
@@ -364,54 +348,23 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def _parse(tp, text: str, key: str):
-    """Parse the text of an override value as field type ``tp``."""
-    inner, optional = _unwrap_optional(tp)
-    if optional and text.strip().lower() in ("none", "null"):
-        return None
-    if typing.get_origin(inner) is Literal:
-        if text not in typing.get_args(inner):
-            raise ConfigError(f"{key}={text!r}: must be one of "
-                              f"{', '.join(map(repr, typing.get_args(inner)))}")
-        return text
-    try:
-        if inner is bool:
-            low = text.strip().lower()
-            if low in ("true", "1", "yes"):
-                return True
-            if low in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if inner is int:
-            return int(text)
-        if inner is float:
-            return float(text)
-        if inner is str:
-            return text
-        if typing.get_origin(inner) is tuple:
-            return tuple(v.strip() for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"{key}={text!r}: expected {getattr(inner, '__name__', inner)}") from None
-    if dataclasses.is_dataclass(inner):
-        return from_dict(inner, json.loads(text), prefix=key + ".")
-    raise ConfigError(f"{key}: cannot parse {text!r} as {inner}")
+# ---------------------------------------------------------------------------
+# dicts and JSON files
 
 
-def _unknown(cls, key: str, prefix: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+def unknown_key(cls, key: str, prefix: str) -> ConfigError:
+    hint = suggest(key, (f.name for f in dataclasses.fields(cls)), prefix)
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
 
 
 def from_dict(cls, values: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a (nested) dict; unknown keys are errors."""
-    types_ = _field_types(cls)
+    types_ = field_types(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in types_:
-            raise _unknown(cls, key, prefix)
-        inner, _ = _unwrap_optional(types_[key])
+            raise unknown_key(cls, key, prefix)
+        inner, _ = unwrap_optional(types_[key])
         if dataclasses.is_dataclass(inner) and isinstance(value, dict):
             value = from_dict(inner, value, prefix=f"{prefix}{key}.")
         elif typing.get_origin(inner) is tuple and isinstance(value, list):
@@ -424,113 +377,13 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def override(cfg, overrides: typing.Iterable[str]):
-    """Apply dotted ``key=value`` overrides, e.g. ``rope_scaling.factor=8``.
-
-    All overrides are applied together and validated once, so ``data.source=text
-    data.paths=a.txt`` works in either order. A nested dataclass that is None is
-    created with its defaults before its field is set. Unknown keys suggest the
-    closest valid key.
-    """
-    overrides = list(overrides)
-    if not overrides:
-        return cfg
-    values = to_dict(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        _set(type(cfg), values, key.strip().split("."), text, prefix="")
-    return from_dict(type(cfg), values)
-
-
-def _set(cls, values: dict, path: list[str], text: str, prefix: str) -> None:
-    head, rest = path[0], path[1:]
-    types_ = _field_types(cls)
-    if head not in types_:
-        raise _unknown(cls, head, prefix)
-    if not rest:
-        values[head] = _parse(types_[head], text, prefix + head)
-        return
-    inner, _ = _unwrap_optional(types_[head])
-    if not dataclasses.is_dataclass(inner):
-        raise ConfigError(f"{prefix}{head} has no sub-keys (got '{'.'.join(path)}')")
-    if values.get(head) is None:
-        values[head] = to_dict(inner())
-    elif dataclasses.is_dataclass(values[head]):
-        values[head] = to_dict(values[head])
-    _set(inner, values[head], rest, text, prefix=f"{prefix}{head}.")
-
-
-# ---------------------------------------------------------------------------
-# presets
-
-# Published shapes. Kimi K2: tech report (arXiv 2507.20534) Table 2 and the
-# released config.json; DeepSeek-V3: arXiv 2412.19437 §4.2 and its config.json.
-_KIMI_K2 = dict(
-    vocab_size=163840, hidden_size=7168, intermediate_size=18432,
-    moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=64,
-    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-    v_head_dim=128, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8,
-    first_k_dense_replace=1, routed_scaling_factor=2.827, n_group=1, topk_group=1,
-    norm_topk_prob=True, rope_theta=50000.0, max_position_embeddings=131072,
-    rope_scaling=YarnConfig(factor=32.0, original_max_position_embeddings=4096,
-                            beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
-    rms_norm_eps=1e-6, initializer_range=0.02, aux_loss_alpha=0.001, dtype="bfloat16",
-)
-_DEEPSEEK_V3 = dict(
-    _KIMI_K2, vocab_size=129280, num_attention_heads=128, n_routed_experts=256,
-    first_k_dense_replace=3, routed_scaling_factor=2.5, n_group=8, topk_group=4,
-    rope_theta=10000.0, max_position_embeddings=163840, aux_loss_alpha=0.0,
-    rope_scaling=YarnConfig(factor=40.0, original_max_position_embeddings=4096,
-                            beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
-)
-
-
-def _ladder(d: int, layers: int) -> dict:
-    """A scaling-ladder rung with K2's ratios: head dims 32/16/32, heads = d/32,
-    ffn ~2.5d dense and d experts' width, 32 experts top-4 + 1 shared."""
-    heads = max(2, d // 32)
-    return dict(
-        hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=3 * d, moe_intermediate_size=d, q_lora_rank=d // 2,
-        kv_lora_rank=max(32, d // 4), qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4,
-    )
-
-
-PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                 num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32,
-                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                 v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2),
-    "small": dict(),  # the ModelConfig defaults: ~3M total, <1M active
-    "ladder-d64": _ladder(64, 2),
-    "ladder-d128": _ladder(128, 4),
-    "ladder-d192": _ladder(192, 6),
-    "ladder-d256": _ladder(256, 8),
-    "ladder-d384": _ladder(384, 10),
-    "kimi-k2": _KIMI_K2,
-    "deepseek-v3": _DEEPSEEK_V3,
-}
-
-
-def preset(name: str, *overrides: str) -> ModelConfig:
-    """The named preset, with optional ``key=value`` overrides applied."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESETS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown preset {name!r} (have {', '.join(PRESETS)}){hint}")
-    return override(ModelConfig(**PRESETS[name]), overrides)
-
-
-# ---------------------------------------------------------------------------
-# Hugging Face config.json
-
-
-def from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a Hugging Face DeepseekV3 / Kimi-K2 ``config.json``
-    (the dict, the file or its directory): :func:`k2jax.hf.config_from_hf`."""
-    from k2jax import hf
-
-    return hf.config_from_hf(config, **overrides)
+def from_file(path: str | os.PathLike) -> Config:
+    """A run config from a JSON file (every run writes its resolved ``config.json``)."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return from_dict(Config, values)

@@ -1,9 +1,10 @@
 """The host-side training loop: data → jitted step → metrics, evaluation, checkpoints.
 
-The same code runs on one CPU and on a multi-host TPU pod: every process
-feeds its own rows of each global batch, process 0 writes metrics, orbax
-writes checkpoints collectively. Metrics of step s are fetched after step
-s+1 is dispatched, so the host never stalls the device.
+The same code runs on one CPU and on a multi-host TPU pod: every process feeds
+its own rows of each global batch, process 0 writes metrics, orbax writes
+checkpoints collectively. :func:`run` reads top-down: :func:`setup` builds
+everything a run needs, then each step is dispatched and the :class:`Reporter`
+logs the *previous* step's metrics, so the host never stalls the device.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from k2jax import checkpoint, data, metrics, sharding, train
+from k2jax import optimizer as optimizer_lib
 from k2jax.config import Config
 
 
@@ -42,6 +45,43 @@ def make_mesh(cfg: Config):
     return sharding.make_mesh(data=m.data, fsdp=m.fsdp, expert=m.expert, tensor=m.tensor)
 
 
+@dataclasses.dataclass
+class Session:
+    """Everything one run needs, built by :func:`setup`."""
+
+    mesh: Any
+    train_it: Any  # checkpointable grain iterator over this process's rows
+    state: train.TrainState
+    start: int  # last step already taken (0, or the restored checkpoint's)
+    step_fn: Any
+    eval_fn: Any
+    ckpt: checkpoint.Checkpointer
+
+
+def setup(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None) -> Session:
+    """Mesh, optimizer, data, state (fresh, from a Hugging Face checkpoint, or restored
+    with the config's lr) and the compiled step and eval functions."""
+    mesh = make_mesh(cfg)
+    tx = optimizer_lib.build_optimizer(cfg)
+    train_it, tok = data.make_iterator(cfg.data, "train")
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                            f"{tok.name} tokenizer's {tok.vocab_size}")
+    state, shardings, graphdef = train.init_state(cfg, tx, mesh)
+    ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                   save_every=cfg.train.checkpoint_every,
+                                   keep=cfg.train.keep_checkpoints)
+    start = 0
+    if cfg.train.init_from and not resume:
+        state = train.init_from_hf(state, shardings, cfg, mesh)
+    if resume:
+        state, start = ckpt.restore(train.abstract_state(cfg, tx, mesh), train_it)
+        state = state._replace(opt_state=optimizer_lib.with_config_lr(state.opt_state, cfg))
+    return Session(mesh, train_it, state, start,
+                   train.make_train_step(cfg, graphdef, tx, mesh, shardings, grad_hook),
+                   train.make_eval_step(cfg, graphdef, mesh, shardings), ckpt)
+
+
 def _scalars(m: dict[str, Any]) -> dict[str, float]:
     """Flatten one step's device metrics into named scalars (per layer where it applies)."""
     out: dict[str, float] = {}
@@ -50,17 +90,88 @@ def _scalars(m: dict[str, Any]) -> dict[str, float]:
         if k == "attn/max_logits":
             out["attn/max_logit"] = float(v.max())
             for layer, row in enumerate(v.max(-1)):
-                out[f"attn/max_logit/layer_{layer:02d}"] = float(row)
+                out[metrics.layer_tag("attn/max_logit", layer)] = float(row)
         elif k == "moe/load_imbalance":
             if v.size:
                 out["moe/load_imbalance"] = float(v.max())
                 for layer, x in enumerate(v):
-                    out[f"moe/load_imbalance/layer_{layer:02d}"] = float(x)
+                    out[metrics.layer_tag("moe/load_imbalance", layer)] = float(x)
         elif k == "qk_clip/heads_clipped_per_layer":
             out["qk_clip/heads_clipped"] = float(v.sum())
         elif v.ndim == 0:
             out[k] = float(v)
     return out
+
+
+class Reporter:
+    """Owns what the host does with each step's metrics: the step still in flight, the
+    non-finite counters, the writers (metrics.jsonl, TensorBoard) and the progress bar.
+
+    :meth:`push` hands over a step's device metrics and logs the one before it, whose
+    values are ready by then; :meth:`flush` logs the one in flight (before an eval or a
+    checkpoint, so nothing is saved past an unchecked step)."""
+
+    def __init__(self, cfg: Config, workdir: str, start: int, *, progress: bool,
+                 checkpoint_dir: str):
+        self.cfg, self.checkpoint_dir = cfg, checkpoint_dir
+        self.writer = metrics.MetricsWriter(workdir)
+        self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        self.flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = metrics.peak_flops_per_device(override=cfg.train.peak_flops)
+        self.bar = (tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+                    if progress and jax.process_index() == 0 else None)
+        self.pending: tuple[int, Any] | None = None
+        self.nonfinite_run = self.nonfinite_total = 0
+        self.last: dict[str, float] = {}
+        self.t_last = time.perf_counter()
+
+    def push(self, step: int, m_dev) -> None:
+        self.flush()
+        self.pending = (step, m_dev)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            step, m_dev = self.pending
+            self.pending = None
+            now = time.perf_counter()  # the step's wall time ends when the host asks for it
+            self.last = self._log(step, jax.device_get(m_dev), now)
+
+    def write_eval(self, step: int, loss: float) -> None:
+        self.writer.write_scalars(step, {"eval/loss": loss})
+
+    def _log(self, step: int, m: dict, now: float) -> dict[str, float]:
+        s = _scalars(m)
+        bad = int(s.pop("train/nonfinite"))
+        self.nonfinite_run = self.nonfinite_run + 1 if bad else 0
+        self.nonfinite_total += bad
+        s["train/nonfinite_steps"] = float(self.nonfinite_total)
+        s["perf/tokens_per_sec"] = self.tokens_per_step / max(now - self.t_last, 1e-9)
+        self.t_last = now
+        s["perf/mfu"] = metrics.mfu(s["perf/tokens_per_sec"], self.flops_per_token, self.peak,
+                                    jax.device_count())
+        self._write(step, s, m["attn/max_logits"])
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.nonfinite_run} non-finite steps in a row (step {step}): stopping; the "
+                f"last good checkpoint in {self.checkpoint_dir} is intact")
+        return s
+
+    def _write(self, step: int, s: dict[str, float], max_logits_LH) -> None:
+        self.writer.write_scalars(step, s)
+        self.writer.write_array(step, "max_logits", max_logits_LH)
+        if step % self.cfg.train.histogram_every == 0 or step == 1:
+            self.writer.write_histogram(step, "attn/max_logits_per_head", max_logits_LH.ravel())
+            self.writer.write_image(step, "attn/max_logits_layer_x_head", max_logits_LH)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{s['train/loss']:.3f}",
+                                 maxlogit=f"{s['attn/max_logit']:.1f}",
+                                 tok_s=f"{s['perf/tokens_per_sec']:,.0f}")
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def evaluate(cfg: Config, eval_fn, state, mesh) -> float:
@@ -78,96 +189,32 @@ def run(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None,
         stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg`` in ``workdir``; returns a summary dict. ``stop_after`` ends the loop
     after that many steps (as a preemption would) with a checkpoint."""
-    mesh = make_mesh(cfg)
-    tx = train.build_optimizer(cfg)
-    train_it, tok = data.make_iterator(cfg.data, "train")
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                            f"{tok.name} tokenizer's {tok.vocab_size}")
-    state, shardings, graphdef = train.init_state(cfg, tx, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                   save_every=cfg.train.checkpoint_every,
-                                   keep=cfg.train.keep_checkpoints)
-    start = 0
-    if cfg.train.init_from and not resume:
-        state = train.init_from_hf(state, shardings, cfg, mesh)
-    if resume:
-        state, start = ckpt.restore(train.abstract_state(cfg, tx, mesh), train_it)
-        state = train.with_config_lr(state, cfg)
-    step_fn = train.make_train_step(cfg, graphdef, tx, mesh, shardings, grad_hook=grad_hook)
-    eval_fn = train.make_eval_step(cfg, graphdef, mesh, shardings)
-    writer = metrics.MetricsWriter(workdir)
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    fpt = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = metrics.peak_flops_per_device(override=cfg.train.peak_flops)
-    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, start + stop_after)
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
-    nonfinite_run, nonfinite_total, last = 0, 0, {}
-    pending = None
-    t_last = time.perf_counter()
-
-    def finish(step: int, m_dev) -> dict[str, float]:
-        nonlocal nonfinite_run, nonfinite_total, t_last
-        now = time.perf_counter()
-        m = jax.device_get(m_dev)
-        s = _scalars(m)
-        bad = int(s.pop("train/nonfinite"))
-        nonfinite_run = nonfinite_run + 1 if bad else 0
-        nonfinite_total += bad
-        s["train/nonfinite_steps"] = float(nonfinite_total)
-        dt = max(now - t_last, 1e-9)
-        t_last = now
-        s["perf/tokens_per_sec"] = tokens_per_step / dt
-        s["perf/mfu"] = metrics.mfu(s["perf/tokens_per_sec"], fpt, peak, jax.device_count())
-        writer.write_scalars(step, s)
-        writer.write_array(step, "max_logits", m["attn/max_logits"])
-        if step % cfg.train.histogram_every == 0 or step == 1:
-            writer.write_histogram(step, "attn/max_logits_per_head", m["attn/max_logits"].ravel())
-            writer.write_image(step, "attn/max_logits_layer_x_head", m["attn/max_logits"])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{s['train/loss']:.3f}", maxlogit=f"{s['attn/max_logit']:.1f}",
-                            tok_s=f"{s['perf/tokens_per_sec']:,.0f}")
-        if nonfinite_run >= cfg.train.max_nonfinite_steps:
-            raise TrainingError(
-                f"{nonfinite_run} non-finite steps in a row (step {step}): stopping; the last "
-                f"good checkpoint in {ckpt.directory} is intact")
-        return s
-
+    s = setup(cfg, workdir, resume=resume, grad_hook=grad_hook)
+    t = cfg.train
+    end = t.steps if stop_after is None else min(t.steps, s.start + stop_after)
+    reporter = Reporter(cfg, workdir, s.start, progress=progress,
+                        checkpoint_dir=s.ckpt.directory)
+    state, step = s.state, s.start
     try:
         with checkpoint.PreemptionGuard() as guard:
-            step = start
-            for step in range(start + 1, end + 1):
-                batch = train.global_batch(next(train_it), mesh)
-                state, m_dev = step_fn(state, batch)
-                if pending is not None:
-                    last = finish(*pending)
-                pending = (step, m_dev)
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    last = finish(*pending)
-                    pending = None
-                    if cfg.train.eval_batches:
-                        writer.write_scalars(step, {"eval/loss": evaluate(cfg, eval_fn, state,
-                                                                          mesh)})
-                at_end = step == end and (cfg.train.final_checkpoint or stop_after is not None)
-                if step % cfg.train.checkpoint_every == 0 or at_end or guard.requested:
-                    if pending is not None:  # never checkpoint past an unchecked step
-                        last = finish(*pending)
-                        pending = None
-                    if nonfinite_run == 0 or guard.requested:  # keep the last good one last
-                        ckpt.save(step, state, train_it, force=True)
+            for step in range(s.start + 1, end + 1):
+                state, m_dev = s.step_fn(state, train.global_batch(next(s.train_it), s.mesh))
+                reporter.push(step, m_dev)
+                if step % t.eval_every == 0 or step == t.steps:
+                    reporter.flush()
+                    if t.eval_batches:
+                        reporter.write_eval(step, evaluate(cfg, s.eval_fn, state, s.mesh))
+                at_end = step == end and (t.final_checkpoint or stop_after is not None)
+                if step % t.checkpoint_every == 0 or at_end or guard.requested:
+                    reporter.flush()
+                    if reporter.nonfinite_run == 0 or guard.requested:  # keep the last good one
+                        s.ckpt.save(step, state, s.train_it, force=True)
                 if guard.requested:
                     break
-            if pending is not None:
-                last = finish(*pending)
+            reporter.flush()
     finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
-    return {"step": step, "last": last, "nonfinite_steps": nonfinite_total,
+        s.ckpt.wait()
+        s.ckpt.close()
+        reporter.close()
+    return {"step": step, "last": reporter.last, "nonfinite_steps": reporter.nonfinite_total,
             "config": dataclasses.asdict(cfg)}

@@ -16,6 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optim.paths import flatten, path_str
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -82,7 +84,7 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
     return P(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
+def variable_shardings(state: nnx.State, mesh: Mesh, rules=None):
     """NamedShardings for every variable of ``state`` from its ``axes`` metadata."""
 
     def one(var):
@@ -91,6 +93,25 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
         return var.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def mirrored_shardings(tree, like, like_shardings, mesh: Mesh):
+    """Shardings for ``tree`` (an optimizer state): a leaf whose dotted path ends with the
+    path of a leaf of ``like`` (the params) and has its shape (Adam moments, Muon momentum)
+    is sharded like it; everything else (counts, QK-Clip statistics) is replicated."""
+    by_path = {path: (x.shape, s) for (path, x), s in zip(
+        flatten(like).items(), jax.tree.leaves(like_shardings))}
+    replicated = NamedSharding(mesh, P())
+
+    def one(kp, x):
+        parts = path_str(kp).split(".")
+        for i in range(len(parts)):
+            hit = by_path.get(".".join(parts[i:]))
+            if hit is not None and hit[0] == x.shape:
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:

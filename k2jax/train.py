@@ -1,15 +1,21 @@
 """Train state, the jitted sharded step, and evaluation.
 
-One ``jax.jit`` with explicit in/out shardings and donated state does the
-whole step: forward (per micro-batch, gradients accumulated) → loss + aux →
-gradients → ``tx.update(..., attn_max_logits=S)`` → apply → MoE selection-bias
-update → metrics. A step whose loss or gradients are not finite leaves params,
-optimizer state and biases untouched and reports ``nonfinite = 1``; the loop
-(k2jax/loop.py) counts and stops. Nothing in the step reads files or globals.
+One ``jax.jit`` with explicit in/out shardings and donated state does the whole
+step, composed of the top-level functions below:
+
+    micro_batch_grads   forward + backward per micro-batch, gradients and statistics summed
+    guarded_update      tx.update(..., attn_max_logits=S) → apply, unless non-finite
+    update_biases       MoE selection biases from this step's expert load
+    step_metrics        what the host loop logs
+
+A step whose loss or gradients are not finite leaves params, optimizer state and
+biases untouched and reports ``nonfinite = 1``; the loop (k2jax/loop.py) counts
+and stops. Nothing in the step reads files or globals.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,13 +26,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import optim
-from k2jax import params as params_lib
-from k2jax import sharding
+from k2jax import hf, sharding
+from k2jax import optimizer as optimizer_lib
 from k2jax.config import Config
-from k2jax.model import Transformer, cross_entropy, qk_layout
+from k2jax.model import Transformer, cross_entropy
+from k2jax.model.layers import SelectionBias
 from k2jax.model.moe import update_selection_bias
-from optim.partition import path_str
+from k2jax.params import abstract_model
 from optim.qk_clip import find_state
 from optim.qk_clip import stats as clip_stats
 
@@ -39,56 +45,8 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 key data (plain array: checkpointable)
 
 
-def learning_rate(cfg: Config, peak=None) -> Callable:
-    """step -> lr; ``peak`` (default ``optimizer.lr``) may be a traced scalar."""
-    o = cfg.optimizer
-    return optim.schedule(o.lr if peak is None else peak, total_steps=cfg.train.steps,
-                          warmup_steps=min(o.warmup_steps, cfg.train.steps), kind=o.schedule,
-                          final_ratio=o.final_lr_ratio, decay_fraction=o.decay_fraction)
-
-
-def hyperparams(cfg: Config) -> dict[str, jax.Array]:
-    """The injected hyperparameters of ``build_optimizer``'s state, from the config."""
-    o = cfg.optimizer
-    return {"lr": jnp.float32(o.lr), "adam_lr": jnp.float32(o.lr if o.adam_lr is None
-                                                            else o.adam_lr)}
-
-
-def build_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
-    """The configured optimizer; QK-Clip is chained when ``optimizer.clip_enabled``.
-
-    The peak learning rates are injected hyperparameters (``optax.inject_hyperparams``):
-    f32 scalars in ``opt_state.hyperparams`` (``lr``, ``adam_lr``), not constants in the
-    compiled step, so every run of an lr sweep compiles to the same program (with a
-    persistent compilation cache, one compile serves them all). On resume the config's
-    values replace the checkpoint's (:func:`with_config_lr`).
-    """
-    o, m = cfg.optimizer, cfg.model
-
-    def make(lr, adam_lr):
-        tx = optim.build(
-            "adamw" if o.name == "adamw" else "muon", learning_rate(cfg, lr),
-            weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, momentum=o.momentum,
-            nesterov=o.nesterov, ns_steps=o.ns_steps, ns_coeffs=o.ns_coeffs,
-            ns_dtype=jnp.dtype(o.ns_dtype), rms_scale=o.rms_scale,
-            partition=params_lib.partition(m),
-            adam_learning_rate=learning_rate(cfg, adam_lr),
-            adam_weight_decay=o.adam_weight_decay,
-            qk_layout=qk_layout(m) if o.clip_enabled else None, tau=o.tau,
-            monitor_only=o.monitor_only)
-        if o.grad_clip_norm:
-            tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
-        return tx
-
-    return optax.inject_hyperparams(make, hyperparam_dtype=jnp.float32)(**hyperparams(cfg))
-
-
-def with_config_lr(state: TrainState, cfg: Config) -> TrainState:
-    """``state`` with the peak learning rates of ``cfg``: the config, not a restored
-    checkpoint, decides the lr a run uses."""
-    hp = {k: jax.device_put(v, state.opt_state.hyperparams[k].sharding)
-          for k, v in hyperparams(cfg).items()}
-    return state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
+# ---------------------------------------------------------------------------
+# state: created in its shards, restored, or started from a Hugging Face checkpoint
 
 
 def _init_fn(cfg: Config, tx):
@@ -103,36 +61,32 @@ def _init_fn(cfg: Config, tx):
 
 
 def state_shardings(abstract: TrainState, mesh) -> TrainState:
-    """Params and biases by their logical axes; every optimizer-state leaf that mirrors a
-    parameter (same path suffix and shape: Adam moments, Muon momentum) like that
-    parameter; the rest (counts, QK-Clip statistics) replicated."""
-    p_sh = sharding.state_shardings(abstract.params, mesh)
-    by_path = {path_str(kp): (x.shape, s) for (kp, x), s in zip(
-        jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(p_sh))}
+    """Params and biases by their logical axes, optimizer-state leaves like the parameter
+    they mirror (k2jax.sharding.mirrored_shardings), the rest replicated."""
+    p_sh = sharding.variable_shardings(abstract.params, mesh)
     replicated = NamedSharding(mesh, P())
-
-    def opt_leaf(kp, x):
-        parts = path_str(kp).split(".")
-        for i in range(len(parts)):
-            hit = by_path.get(".".join(parts[i:]))
-            if hit is not None and hit[0] == x.shape:
-                return hit[1]
-        return replicated
-
     return TrainState(
-        replicated, p_sh, sharding.state_shardings(abstract.rest, mesh),
-        jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state), replicated)
+        replicated, p_sh, sharding.variable_shardings(abstract.rest, mesh),
+        sharding.mirrored_shardings(abstract.opt_state, abstract.params, p_sh, mesh),
+        replicated)
 
 
 def init_state(cfg: Config, tx, mesh) -> tuple[TrainState, TrainState, Any]:
     """(state, its shardings, graphdef): parameters created directly in their shards."""
     init = _init_fn(cfg, tx)
     key = jax.random.key(cfg.train.seed)
-    abstract = jax.eval_shape(init, key, hyperparams(cfg))
-    shardings = state_shardings(abstract, mesh)
-    state = jax.jit(init, out_shardings=shardings)(key, hyperparams(cfg))
-    graphdef = nnx.graphdef(params_lib.abstract_model(cfg.model))
-    return state, shardings, graphdef
+    hparams = optimizer_lib.hyperparams(cfg)
+    shardings = state_shardings(jax.eval_shape(init, key, hparams), mesh)
+    state = jax.jit(init, out_shardings=shardings)(key, hparams)
+    return state, shardings, nnx.graphdef(abstract_model(cfg.model))
+
+
+def abstract_state(cfg: Config, tx, mesh) -> TrainState:
+    """ShapeDtypeStructs with shardings: what a checkpoint restores into."""
+    abstract = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(cfg.train.seed),
+                              optimizer_lib.hyperparams(cfg))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, state_shardings(abstract, mesh))
 
 
 def init_from_hf(state: TrainState, shardings: TrainState, cfg: Config, mesh) -> TrainState:
@@ -140,8 +94,6 @@ def init_from_hf(state: TrainState, shardings: TrainState, cfg: Config, mesh) ->
     ``cfg.train.init_from`` (k2jax.hf), each built straight into its shards. The
     optimizer state (zeros, counts) does not depend on parameter values and stays; the
     random parameters are freed first, so the device never holds two copies."""
-    from k2jax import hf
-
     hf.check(cfg.train.init_from, cfg.model)
     for x in jax.tree.leaves((state.params, state.rest)):
         x.delete()
@@ -152,27 +104,74 @@ def init_from_hf(state: TrainState, shardings: TrainState, cfg: Config, mesh) ->
                           rest=jax.device_put(rest, shardings.rest))
 
 
-def abstract_state(cfg: Config, tx, mesh) -> TrainState:
-    """ShapeDtypeStructs with shardings: what a checkpoint restores into."""
-    abstract = jax.eval_shape(_init_fn(cfg, tx), jax.random.key(cfg.train.seed),
-                              hyperparams(cfg))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, state_shardings(abstract, mesh))
+# ---------------------------------------------------------------------------
+# the step
 
 
-def _update_biases(rest, load_LE, cfg: Config, ok):
-    """DeepSeek-V3's aux-loss-free balancing, once per step from this step's load."""
-    first = cfg.model.first_k_dense_replace
+def loss_fn(params, rest, batch, *, graphdef, cfg: Config, constrain):
+    """(loss + balance loss, (loss parts, model aux)) of one micro-batch."""
+    model = nnx.merge(graphdef, params, rest)
+    logits_BTV, aux = model(batch["inputs"], constrain=constrain)
+    loss, parts = cross_entropy(logits_BTV, batch["targets"], z_loss=cfg.train.z_loss)
+    return loss + aux["balance_loss"], (parts, aux)
 
-    def one(kp, b):
-        path = path_str(kp)
-        if not path.endswith("moe.selection_bias"):
-            return b
-        layer = int(path.split(".")[1]) - first
-        new = update_selection_bias(b, load_LE[layer], cfg.model.router_bias_update_rate)
-        return jnp.where(ok, new, b)
 
-    return jax.tree_util.tree_map_with_path(one, rest)
+def micro_batch_grads(state: TrainState, batch, loss: Callable, cfg: Config):
+    """Mean gradients over ``train.micro_batches`` micro-batches (a scan: one compiled
+    forward/backward), with mean losses, the elementwise max of the per-head max logits
+    and the summed expert loads."""
+    micro, m = cfg.train.micro_batches, cfg.model
+    b = batch["inputs"].shape[0]
+    split = jax.tree.map(lambda x: x.reshape(b // micro, micro, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
+
+    def accumulate(carry, mb):
+        (total, (parts, aux)), g = jax.value_and_grad(loss, has_aux=True)(
+            state.params, state.rest, mb)
+        g_acc, stats = carry
+        g_acc = jax.tree.map(lambda a, x: a + x / micro, g_acc, g)
+        stats = {"loss": stats["loss"] + total / micro, "ce": stats["ce"] + parts["ce"] / micro,
+                 "z": stats["z"] + parts["z_loss"] / micro,
+                 "max_logits": jnp.maximum(stats["max_logits"], aux["attn_max_logits"]),
+                 "load": stats["load"] + aux["expert_load"]}
+        return (g_acc, stats), None
+
+    zeros = {"loss": 0.0, "ce": 0.0, "z": 0.0,
+             "max_logits": jnp.full((m.num_hidden_layers, m.num_attention_heads), -jnp.inf),
+             "load": jnp.zeros((m.num_moe_layers, m.n_routed_experts))}
+    g0 = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, stats), _ = jax.lax.scan(accumulate, (g0, zeros), split)
+    return grads, stats
+
+
+def guarded_update(state: TrainState, grads, stats, tx):
+    """(params, opt_state, updates, ok, grad_norm): the optimizer step, QK-Clip fed by
+    this step's max logits; where the loss or gradient norm is not finite (``ok`` false)
+    the old params and optimizer state are kept."""
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                   attn_max_logits=stats["max_logits"])
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)  # noqa
+    return (keep(new_params, state.params), keep(opt_state, state.opt_state), updates, ok,
+            grad_norm)
+
+
+def update_biases(rest, load_LE, rate: float, ok):
+    """DeepSeek-V3's aux-loss-free balancing, once per step from this step's load.
+
+    The selection biases are the only ``SelectionBias`` variables, one per MoE layer;
+    flattening keeps layer order, so the i-th bias takes the i-th row of ``load_LE``."""
+    is_bias = lambda x: isinstance(x, SelectionBias)  # noqa: E731
+    leaves, treedef = jax.tree.flatten(rest, is_leaf=is_bias)
+    biases = [x for x in leaves if is_bias(x)]
+    if len(biases) != load_LE.shape[0]:
+        raise ValueError(f"{len(biases)} selection biases for {load_LE.shape[0]} MoE layers")
+    loads = iter(load_LE)
+    new = [x.replace(jnp.where(ok, update_selection_bias(x[...], next(loads), rate), x[...]))
+           if is_bias(x) else x for x in leaves]
+    return jax.tree.unflatten(treedef, new)
 
 
 def _group_rms(updates, labels) -> dict[str, jax.Array]:
@@ -183,70 +182,47 @@ def _group_rms(updates, labels) -> dict[str, jax.Array]:
     return {f"train/update_rms/{k}": jnp.sqrt(s / n) for k, (s, n) in sums.items()}
 
 
+def step_metrics(state: TrainState, stats, updates, opt_state, ok, grad_norm,
+                 cfg: Config) -> dict[str, jax.Array]:
+    """The step's device metrics; the host loop (k2jax/loop.py) names them per layer."""
+    load_LE = stats["load"]
+    labels = optimizer_lib.partition(cfg.model).labels(state.params)
+    metrics = {
+        "train/loss": stats["loss"], "train/ce": stats["ce"], "train/z_loss": stats["z"],
+        "train/lr": optimizer_lib.learning_rate(cfg, state.opt_state.hyperparams["lr"])(
+            state.step),
+        "train/grad_norm": grad_norm, "train/nonfinite": 1 - ok.astype(jnp.int32),
+        "attn/max_logits": stats["max_logits"],
+        "moe/load_imbalance": load_LE.max(-1) / jnp.maximum(load_LE.mean(-1), 1e-9),
+        **_group_rms(updates, labels),
+    }
+    clip = find_state(opt_state)
+    if clip is not None:
+        metrics.update(clip_stats(clip))
+    return metrics
+
+
+def train_step(state: TrainState, batch, *, cfg: Config, graphdef, tx, constrain,
+               grad_hook: Callable | None = None):
+    """One optimizer step on one global batch -> (new state, metrics)."""
+    loss = functools.partial(loss_fn, graphdef=graphdef, cfg=cfg, constrain=constrain)
+    grads, stats = micro_batch_grads(state, batch, loss, cfg)
+    if grad_hook is not None:
+        grads = grad_hook(grads, state.step)
+    params, opt_state, updates, ok, grad_norm = guarded_update(state, grads, stats, tx)
+    rest = update_biases(state.rest, stats["load"], cfg.model.router_bias_update_rate, ok)
+    new_state = TrainState(state.step + 1, params, rest, opt_state, state.rng)
+    return new_state, step_metrics(state, stats, updates, opt_state, ok, grad_norm, cfg)
+
+
 def make_train_step(cfg: Config, graphdef, tx, mesh, shardings: TrainState,
                     grad_hook: Callable | None = None):
     """jitted ``step(state, batch) -> (state, metrics)``; ``grad_hook(grads, step)`` (tests:
     fault injection) may rewrite the gradients inside the step."""
-    micro = cfg.train.micro_batches
     act = NamedSharding(mesh, P(sharding.RULES["batch"], None, None))
-
-    def loss_fn(p, rest, batch):
-        model = nnx.merge(graphdef, p, rest)
-        logits, aux = model(batch["inputs"], constrain=lambda x: jax.lax.with_sharding_constraint(
-            x, act))
-        loss, parts = cross_entropy(logits, batch["targets"], z_loss=cfg.train.z_loss)
-        return loss + aux["balance_loss"], (parts, aux)
-
-    def step(state: TrainState, batch):
-        labels = params_lib.partition(cfg.model).labels(state.params)
-        b = batch["inputs"].shape[0]
-        split = jax.tree.map(lambda x: x.reshape(b // micro, micro, *x.shape[1:]).swapaxes(0, 1),
-                             batch)
-
-        def accumulate(carry, mb):
-            (loss, (parts, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                state.params, state.rest, mb)
-            g_acc, stats = carry
-            g_acc = jax.tree.map(lambda a, x: a + x / micro, g_acc, g)
-            stats = {"loss": stats["loss"] + loss / micro, "ce": stats["ce"] + parts["ce"] / micro,
-                     "z": stats["z"] + parts["z_loss"] / micro,
-                     "max_logits": jnp.maximum(stats["max_logits"], aux["attn_max_logits"]),
-                     "load": stats["load"] + aux["expert_load"]}
-            return (g_acc, stats), None
-
-        m = cfg.model
-        zeros = {"loss": 0.0, "ce": 0.0, "z": 0.0,
-                 "max_logits": jnp.full((m.num_hidden_layers, m.num_attention_heads), -jnp.inf),
-                 "load": jnp.zeros((m.num_moe_layers, m.n_routed_experts))}
-        g0 = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, stats), _ = jax.lax.scan(accumulate, (g0, zeros), split)
-        if grad_hook is not None:
-            grads = grad_hook(grads, state.step)
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                       attn_max_logits=stats["max_logits"])
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, old)  # noqa
-        new_state = TrainState(
-            state.step + 1, keep(new_params, state.params),
-            _update_biases(state.rest, stats["load"], cfg, ok), keep(opt_state, state.opt_state),
-            state.rng)
-        load = stats["load"]
-        imbalance = load.max(-1) / jnp.maximum(load.mean(-1), 1e-9)
-        metrics = {
-            "train/loss": stats["loss"], "train/ce": stats["ce"], "train/z_loss": stats["z"],
-            "train/lr": learning_rate(
-                cfg, state.opt_state.hyperparams["lr"])(state.step), "train/grad_norm": grad_norm,
-            "train/nonfinite": 1 - ok.astype(jnp.int32),
-            "attn/max_logits": stats["max_logits"], "moe/load_imbalance": imbalance,
-            **_group_rms(updates, labels),
-        }
-        clip = find_state(opt_state)
-        if clip is not None:
-            metrics.update(clip_stats(clip))
-        return new_state, metrics
-
+    step = functools.partial(
+        train_step, cfg=cfg, graphdef=graphdef, tx=tx, grad_hook=grad_hook,
+        constrain=lambda x: jax.lax.with_sharding_constraint(x, act))
     batch_sh = sharding.batch_sharding(mesh)
     return jax.jit(step, in_shardings=(shardings, {"inputs": batch_sh, "targets": batch_sh}),
                    out_shardings=(shardings, None), donate_argnums=0)
@@ -256,8 +232,8 @@ def make_eval_step(cfg: Config, graphdef, mesh, shardings: TrainState):
     """jitted ``eval(params, rest, batch) -> mean cross-entropy``."""
 
     def ev(p, rest, batch):
-        logits, _ = nnx.merge(graphdef, p, rest)(batch["inputs"])
-        return cross_entropy(logits, batch["targets"])[1]["ce"]
+        logits_BTV, _ = nnx.merge(graphdef, p, rest)(batch["inputs"])
+        return cross_entropy(logits_BTV, batch["targets"])[1]["ce"]
 
     batch_sh = sharding.batch_sharding(mesh)
     return jax.jit(ev, in_shardings=(shardings.params, shardings.rest,

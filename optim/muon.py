@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import optax
 
 from optim.newton_schulz import Coeffs, newton_schulz
-from optim.partition import MatrixDims, path_str
+from optim.partition import MatrixDims
+from optim.paths import path_str
 
 
 class MuonState(NamedTuple):

@@ -16,6 +16,8 @@ from typing import Literal
 
 import jax
 
+from optim.paths import flatten, path_str
+
 ADAMW: Literal["adamw"] = "adamw"
 AUTO: Literal["auto"] = "auto"  # 2-D -> Muon [fan_in, fan_out]; 1-D -> AdamW; N-D -> error
 
@@ -59,30 +61,6 @@ class MatrixDims:
 Assignment = MatrixDims | Literal["adamw", "auto"]
 
 
-def path_str(key_path) -> str:
-    """Dotted name of a leaf: ('layers', 0, 'attn', 'q_b') -> 'layers.0.attn.q_b'.
-
-    The ``.value`` of a Flax NNX Variable is not part of the name.
-    """
-    parts = []
-    for k in key_path:
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            if k.name in ("value", "raw_value"):
-                continue
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
-def leaves_with_paths(tree) -> list[tuple[str, jax.Array]]:
-    return [(path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 @dataclasses.dataclass(frozen=True)
 class Partition:
     """Ordered (regex, assignment) rules mapping leaf paths to Muon (MatrixDims) or AdamW."""
@@ -119,7 +97,7 @@ class Partition:
     def describe(self, params) -> str:
         """One line per leaf: path, shape, and where it goes."""
         rows = []
-        for path, x in leaves_with_paths(params):
+        for path, x in flatten(params).items():
             target = self.assign(path, tuple(x.shape))
             if isinstance(target, MatrixDims):
                 b, m, n = target.matrix_shape(tuple(x.shape))

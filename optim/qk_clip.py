@@ -17,8 +17,8 @@ or a broken step that the non-finite guard handles), are left bit-identical.
 The clip does not change the current step's forward/backward; it is an
 elementwise per-head scale, so it runs on sharded weights without gathering.
 
-Where each head's slices live is a :class:`QKLayout` the model exports
-(``k2jax.model.qk_layout(config)``); this module never imports the model.
+Where each head's slices live is a :class:`QKLayout` the caller builds from its
+model (k2jax: ``k2jax.optimizer.qk_layout(config)``); this module never imports a model.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim.partition import path_str
+from optim.paths import flatten, path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,7 @@ def qk_clip(layout: QKLayout, tau: float = 100.0, *,
     shape = (layout.num_layers, layout.num_heads)
 
     def init(params):
-        found = {path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        found = set(flatten(params))
         missing = sorted(set(targets) - found)
         if missing:
             raise ValueError(f"qk_clip: layout paths not in the parameter tree: {missing}")

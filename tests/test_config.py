@@ -1,52 +1,19 @@
+"""Configs (k2jax/config.py), presets (k2jax/presets.py) and dotted overrides
+(k2jax/overrides.py): every bad value is refused with a message naming its field."""
+
 import dataclasses
 import json
+import re
 
 import pytest
 
-from k2jax import config
-from k2jax.config import ConfigError, ModelConfig
-
-FIXTURES = "tests/fixtures"
+from k2jax import config, overrides, presets
+from k2jax.config import Config, ConfigError, ModelConfig, OptimizerConfig
 
 
-@pytest.mark.parametrize("name", sorted(config.PRESETS))
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
 def test_presets_build(name):
-    assert isinstance(config.preset(name), ModelConfig)
-
-
-@pytest.mark.parametrize("name", ["kimi-k2", "deepseek-v3"])
-def test_from_hf_equals_preset(name):
-    """The published config.json files (tests/fixtures, copied from public sources, see
-    scripts/hf_param_counts.py) read back as our presets, field for field."""
-    from_hf = config.from_hf(f"{FIXTURES}/hf_config_{name}.json", dtype="bfloat16")
-    assert from_hf == config.preset(name)
-
-
-def test_from_hf_dict_and_dir(tmp_path):
-    d = json.load(open(f"{FIXTURES}/hf_config_kimi-k2.json"))
-    (tmp_path / "config.json").write_text(json.dumps(d))
-    assert config.from_hf(d) == config.from_hf(tmp_path)
-
-
-@pytest.mark.parametrize("patch, field", [
-    ({"model_type": "llama"}, "model_type"),
-    ({"scoring_func": "softmax"}, "scoring_func"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"some_new_key": 1}, "some_new_key"),
-    ({"num_experts_per_tok": 999}, "num_experts_per_tok"),
-    ({"rope_interleave": False}, "rope_interleave"),
-    ({"topk_method": "greedy"}, "topk_method"),
-])
-def test_from_hf_rejects(patch, field):
-    d = json.load(open(f"{FIXTURES}/hf_config_deepseek-v3.json"))
-    d.update(patch)
-    with pytest.raises(ConfigError, match=field):
-        config.from_hf(d)
-
-
-def test_from_hf_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="no config.json"):
-        config.from_hf(tmp_path)
+    assert isinstance(presets.preset(name), ModelConfig)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -72,30 +39,64 @@ def test_invalid_config_names_field(kwargs, field):
 
 def test_unknown_field_suggests_closest():
     with pytest.raises(ConfigError, match="did you mean 'num_hidden_layers'"):
-        config.preset("tiny", "num_hidden_layer=3")
+        presets.preset("tiny", "num_hidden_layer=3")
     with pytest.raises(ConfigError, match="did you mean 'rope_scaling.factor'"):
-        config.preset("tiny", "rope_scaling.fctor=3")
+        presets.preset("tiny", "rope_scaling.fctor=3")
     with pytest.raises(ConfigError, match="unknown preset"):
-        config.preset("tinyy")
+        presets.preset("tinyy")
     with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
         config.from_dict(ModelConfig, {"bogus": 1})
 
 
 def test_overrides_parse_by_type():
-    cfg = config.preset("tiny", "num_hidden_layers=3", "q_lora_rank=None", "qk_norm=true",
-                        "routed_scaling_factor=1.5", "rope_scaling.factor=8", "attention=mha")
+    cfg = presets.preset("tiny", "num_hidden_layers=3", "q_lora_rank=None", "qk_norm=true",
+                         "routed_scaling_factor=1.5", "rope_scaling.factor=8", "attention=mha")
     assert (cfg.num_hidden_layers, cfg.q_lora_rank, cfg.qk_norm) == (3, None, True)
     assert cfg.routed_scaling_factor == 1.5 and cfg.attention == "mha"
     assert cfg.rope_scaling == config.YarnConfig(factor=8.0)
     with pytest.raises(ConfigError, match="num_hidden_layers='x': expected int"):
-        config.preset("tiny", "num_hidden_layers=x")
+        presets.preset("tiny", "num_hidden_layers=x")
     with pytest.raises(ConfigError, match="expected key=value"):
-        config.preset("tiny", "num_hidden_layers")
+        presets.preset("tiny", "num_hidden_layers")
     with pytest.raises(ConfigError, match="^n_group=3"):
-        config.preset("tiny", "n_group=3")
+        presets.preset("tiny", "n_group=3")
 
 
 def test_round_trip_dict():
-    cfg = config.preset("kimi-k2")
+    cfg = presets.preset("kimi-k2")
     assert config.from_dict(ModelConfig, json.loads(json.dumps(config.to_dict(cfg)))) == cfg
     assert dataclasses.is_dataclass(cfg) and cfg.__dataclass_params__.frozen
+
+
+def test_load_from_preset_or_file(tmp_path):
+    cfg = presets.load("tiny", ["optimizer.lr=1e-2", "model.num_hidden_layers=3"])
+    assert cfg.model == presets.preset("tiny", "num_hidden_layers=3")
+    assert cfg.optimizer.lr == 1e-2
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict(cfg)))
+    assert presets.load(path) == cfg
+    assert presets.load(path, ["data.seq_len=64"]).data.seq_len == 64
+    with pytest.raises(ConfigError, match="neither a preset.*did you mean 'tiny'"):
+        presets.load("tinyy")
+
+
+def test_old_spelling_names_the_new_one():
+    """MuonClip became two switches; the old one-word name says how to write it now."""
+    new = re.escape("optimizer.name=muon optimizer.qk_clip=true")
+    with pytest.raises(ConfigError, match=new):
+        overrides.apply(Config(), ["optimizer.name=muonclip"])
+    with pytest.raises(ConfigError, match=new):
+        config.from_dict(Config, {"optimizer": {"name": "muonclip"}})
+    assert OptimizerConfig().qk_clip is False
+    cfg = overrides.apply(Config(), ["optimizer.name=muon", "optimizer.qk_clip=true"])
+    assert (cfg.optimizer.name, cfg.optimizer.qk_clip) == ("muon", True)
+
+
+def test_bad_literal_names_its_choices():
+    choices = re.escape("optimizer.name='sgd': must be one of 'adamw', 'muon'")
+    with pytest.raises(ConfigError, match=choices):
+        overrides.apply(Config(), ["optimizer.name=sgd"])
+    with pytest.raises(ConfigError, match=choices):
+        config.from_dict(Config, {"optimizer": {"name": "sgd"}})
+    with pytest.raises(ConfigError, match=re.escape("'stdlib', 'text', 'shards'")):
+        config.from_dict(Config, {"data": {"source": "web"}})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax import config, sharding
+from k2jax import presets, sharding
 from k2jax.model import Transformer, cross_entropy, rope
 
 
@@ -23,15 +23,15 @@ def _rope(x_TR, inv, scale=1.0):
     return np.stack([z.real, z.imag], -1).reshape(x_TR.shape)
 
 
-def _attend(q_TK, k_TK, v_TV, scale):
+def _attend(q_TK, k_TK, v_TU, scale):
     """Per-head causal attention with explicit loops; returns (out, max logit over s <= t)."""
     t = q_TK.shape[0]
-    out, best = np.zeros((t, v_TV.shape[1])), -np.inf
+    out, best = np.zeros((t, v_TU.shape[1])), -np.inf
     for i in range(t):
         logits = np.array([q_TK[i] @ k_TK[j] * scale for j in range(i + 1)])
         best = max(best, logits.max())
         p = np.exp(logits - logits.max())
-        out[i] = (p / p.sum()) @ v_TV[: i + 1]
+        out[i] = (p / p.sum()) @ v_TU[: i + 1]
     return out, best
 
 
@@ -47,7 +47,7 @@ def mla_reference(attn, cfg, x_BTD):
     for x in x_BTD:
         if cfg.q_lora_rank:
             cq = _rms(x @ _np(attn.q_a), _np(attn.q_a_norm.scale), latent_eps)
-            q_all = np.einsum("tr,rhk->thk", cq, _np(attn.q_b))
+            q_all = np.einsum("tq,qhk->thk", cq, _np(attn.q_b))
         else:
             q_all = np.einsum("td,dhk->thk", x, _np(attn.q_proj))
         kv = x @ _np(attn.kv_a)
@@ -98,7 +98,7 @@ VARIANTS = {
 
 def _cfg(variant, *extra):
     name, *overrides = VARIANTS[variant]
-    return config.preset(name, *overrides, *extra)
+    return presets.preset(name, *overrides, *extra)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -140,7 +140,7 @@ def test_causality(variant, qk_norm):
 
 
 def test_output_contract_and_dtypes():
-    cfg = config.preset("tiny", "dtype=bfloat16")
+    cfg = presets.preset("tiny", "dtype=bfloat16")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     logits, aux = model(jnp.zeros((3, 5), jnp.int32))
     assert logits.shape == (3, 5, cfg.vocab_size) and logits.dtype == jnp.float32
@@ -150,7 +150,7 @@ def test_output_contract_and_dtypes():
 
 
 def test_tied_embeddings_share_the_matrix():
-    cfg = config.preset("tiny", "tie_word_embeddings=true")
+    cfg = presets.preset("tiny", "tie_word_embeddings=true")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     assert not hasattr(model, "lm_head")
     logits, _ = model(jnp.zeros((1, 3), jnp.int32))
@@ -190,7 +190,7 @@ def test_sharded_forward_equals_single_device(mesh_shape, variant):
 
     mesh = sharding.make_mesh(**mesh_shape)
     graphdef, state = nnx.split(model)
-    shardings = sharding.state_shardings(state, mesh)
+    shardings = sharding.variable_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh))
 
@@ -250,7 +250,7 @@ def transformer_reference(model, cfg, tokens):
 def test_transformer_matches_numpy_reference(extra):
     """Wiring: residuals, norms, dense and MoE layers, routing with a non-zero selection
     bias, shared expert, final norm and head, against a plain numpy forward."""
-    cfg = config.preset("tiny", "initializer_range=0.1", *extra)
+    cfg = presets.preset("tiny", "initializer_range=0.1", *extra)
     model = Transformer(cfg, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(0)
     for block in model.layers:
@@ -273,6 +273,6 @@ def test_masked_targets_never_nan():
 
 
 def test_router_stays_float32():
-    model = Transformer(config.preset("tiny", "param_dtype=bfloat16"), rngs=nnx.Rngs(0))
+    model = Transformer(presets.preset("tiny", "param_dtype=bfloat16"), rngs=nnx.Rngs(0))
     assert model.layers[1].moe.router.dtype == jnp.float32
     assert model.layers[1].moe.w_up.dtype == jnp.bfloat16

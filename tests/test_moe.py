@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k2jax import config
+from k2jax import overrides, presets
 from k2jax.model import moe
 
 
@@ -59,10 +59,10 @@ def test_blocked_is_exact_when_every_token_picks_one_expert():
 
 @pytest.mark.parametrize("impl", ["blocked", "ragged"])
 def test_moe_module_matches_dense_impl(impl):
-    cfg = config.preset("tiny", "n_routed_experts=8", "num_experts_per_tok=3")
+    cfg = presets.preset("tiny", "n_routed_experts=8", "num_experts_per_tok=3")
     x = jax.random.normal(jax.random.key(0), (2, 9, cfg.hidden_size))
-    ref = moe.MoE(config.override(cfg, ["moe_impl=dense"]), rngs=nnx.Rngs(0))
-    got = moe.MoE(config.override(cfg, [f"moe_impl={impl}"]), rngs=nnx.Rngs(0))
+    ref = moe.MoE(overrides.apply(cfg, ["moe_impl=dense"]), rngs=nnx.Rngs(0))
+    got = moe.MoE(overrides.apply(cfg, [f"moe_impl={impl}"]), rngs=nnx.Rngs(0))
     (y0, s0), (y1, s1) = ref(x), got(x)
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(s1["load"], s0["load"])
@@ -70,7 +70,7 @@ def test_moe_module_matches_dense_impl(impl):
 
 
 def test_routing_weights_follow_deepseek_v3():
-    cfg = config.preset("tiny", "n_routed_experts=8", "num_experts_per_tok=2",
+    cfg = presets.preset("tiny", "n_routed_experts=8", "num_experts_per_tok=2",
                         "routed_scaling_factor=2.5")
     logits = jnp.asarray([[0.0, 1.0, -1.0, 2.0, 0.5, -2.0, 0.0, 0.1]])
     bias = jnp.zeros(8).at[2].set(10.0)  # bias picks expert 2 but does not weight it
@@ -85,7 +85,7 @@ def test_routing_weights_follow_deepseek_v3():
 def test_group_limited_routing_only_picks_allowed_groups():
     """n_group=4, topk_group=2: experts come only from the two groups with the best
     top-2 sums, even when a lone high-scoring expert sits in another group."""
-    cfg = config.preset("tiny", "n_routed_experts=16", "num_experts_per_tok=4", "n_group=4",
+    cfg = presets.preset("tiny", "n_routed_experts=16", "num_experts_per_tok=4", "n_group=4",
                         "topk_group=2")
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(200, 16))

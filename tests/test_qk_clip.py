@@ -6,8 +6,9 @@ import pytest
 from flax import nnx
 
 import optim
-from k2jax import config, params, sharding
-from k2jax.model import Transformer, qk_layout
+from k2jax import optimizer, overrides, presets, sharding
+from k2jax.model import Transformer
+from k2jax.optimizer import qk_layout
 from optim.qk_clip import find_state, stats
 
 VARIANTS = {
@@ -19,7 +20,7 @@ VARIANTS = {
 
 
 def _setup(variant, seed=0):
-    cfg = config.preset(*VARIANTS[variant], "initializer_range=0.15")
+    cfg = presets.preset(*VARIANTS[variant], "initializer_range=0.15")
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
     tokens = jax.random.randint(jax.random.key(seed), (2, 16), 0, cfg.vocab_size)
@@ -57,15 +58,15 @@ def test_clip_caps_max_logits_at_tau_and_leaves_other_heads(variant, kind):
     tau = float(jnp.median(s))
     assert bool((s > tau).any()) and bool((s <= tau).any())
     layout = qk_layout(cfg)
-    tx = optim.build(kind, 1e-2, weight_decay=0.0, partition=params.partition(cfg),
+    tx = optim.build(kind, 1e-2, weight_decay=0.0, partition=optimizer.partition(cfg),
                      qk_layout=layout, tau=tau)
     new_p, state = _zero_step(tx, p, s)
     np.testing.assert_allclose(max_logits(new_p, inputs_from=p), jnp.minimum(s, tau), rtol=2e-5)
 
     clipped = np.asarray(s > tau)
     targets = layout.by_path()
-    for path, old in optim.partition.leaves_with_paths(p):
-        new = dict(optim.partition.leaves_with_paths(new_p))[path]
+    for path, old in optim.paths.flatten(p).items():
+        new = dict(optim.paths.flatten(new_p).items())[path]
         t = targets.get(path)
         if t is None:
             np.testing.assert_array_equal(new, old, err_msg=path)
@@ -86,8 +87,9 @@ def test_mla_rope_key_untouched_and_value_slices_untouched():
     cfg, p, max_logits = _setup("mla")
     s = max_logits(p)
     tau = float(s.min()) / 2  # every head clipped
-    new_p, _ = _zero_step(optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=tau,
-                                         weight_decay=0.0, partition=params.partition(cfg)), p, s)
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=tau, weight_decay=0.0,
+                        partition=optimizer.partition(cfg))
+    new_p, _ = _zero_step(tx, p, s)
     nope = cfg.qk_nope_head_dim
     for layer in range(cfg.num_hidden_layers):
         old, new = p["layers"][layer]["attn"], new_p["layers"][layer]["attn"]
@@ -104,7 +106,7 @@ def test_monitor_only_changes_nothing_but_records():
     cfg, p, max_logits = _setup("mla")
     s = max_logits(p)
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=float(jnp.median(s)),
-                        weight_decay=0.0, partition=params.partition(cfg), monitor_only=True)
+                        weight_decay=0.0, partition=optimizer.partition(cfg), monitor_only=True)
     new_p, state = _zero_step(tx, p, s)
     for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(p)):
         np.testing.assert_array_equal(a, b)
@@ -115,7 +117,7 @@ def test_monitor_only_equals_plain_muon_with_gradients():
     cfg, p, max_logits = _setup("mla")
     s = max_logits(p)
     grads = jax.tree.map(lambda x: jnp.cos(x * 7.0), p)
-    kw = dict(weight_decay=0.1, partition=params.partition(cfg))
+    kw = dict(weight_decay=0.1, partition=optimizer.partition(cfg))
     u1, _ = (tx := optim.muon(1e-2, **kw)).update(grads, tx.init(p), p)
     tx2 = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=1.0, monitor_only=True, **kw)
     u2, _ = tx2.update(grads, tx2.init(p), p, attn_max_logits=s)
@@ -128,7 +130,7 @@ def test_non_finite_and_non_positive_logits_never_nan():
     s = max_logits(p)
     bad = s.at[0, 0].set(jnp.nan).at[0, 1].set(jnp.inf).at[1, 0].set(-5.0).at[1, 1].set(0.0)
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=0.5, weight_decay=0.0,
-                        partition=params.partition(cfg))
+                        partition=optimizer.partition(cfg))
     new_p, state = _zero_step(tx, p, bad)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(new_p))
     clipped = np.asarray(find_state(state).clipped)
@@ -138,15 +140,15 @@ def test_non_finite_and_non_positive_logits_never_nan():
 
 
 def test_layout_errors():
-    cfg = config.preset("tiny")
+    cfg = presets.preset("tiny")
     with pytest.raises(ValueError, match="qk_norm"):
-        qk_layout(config.override(cfg, ["qk_norm=true"]))
-    other = config.preset("tiny", "num_hidden_layers=3")
-    tx = optim.muonclip(1e-2, qk_layout=qk_layout(other), partition=params.partition(cfg))
+        qk_layout(overrides.apply(cfg, ["qk_norm=true"]))
+    other = presets.preset("tiny", "num_hidden_layers=3")
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(other), partition=optimizer.partition(cfg))
     p = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     with pytest.raises(ValueError, match="layout paths not in the parameter tree"):
         tx.init(p)
-    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), partition=params.partition(cfg))
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), partition=optimizer.partition(cfg))
     with pytest.raises(ValueError, match="attn_max_logits"):
         tx.update(p, tx.init(p), p)
 
@@ -154,12 +156,12 @@ def test_layout_errors():
 def test_sharded_update_equals_unsharded():
     """Two MuonClip steps with real gradients, params and optimizer state sharded over
     (data 2, fsdp 2, expert 2), equal the single-device steps."""
-    cfg = config.preset("tiny", "initializer_range=0.15")
+    cfg = presets.preset("tiny", "initializer_range=0.15")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
     tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, cfg.vocab_size)
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=2.0,
-                        partition=params.partition(cfg))
+                        partition=optimizer.partition(cfg))
 
     def step(p, opt_state, tokens):
         def loss(p):
@@ -180,7 +182,7 @@ def test_sharded_update_equals_unsharded():
     assert int(find_state(s_ref).times_clipped.sum()) > 0
 
     mesh = sharding.make_mesh(data=2, fsdp=2, expert=2)
-    p_shard = sharding.state_shardings(p, mesh)
+    p_shard = sharding.variable_shardings(p, mesh)
     p_s = jax.device_put(p, p_shard)
     t_s = jax.device_put(tokens, sharding.batch_sharding(mesh))
     p_out, s_out = run(p_s, t_s, jax.jit(step))
@@ -196,10 +198,10 @@ def test_sharded_update_equals_unsharded():
 def test_clip_on_sharded_weights_gathers_nothing():
     """The clip is a per-head elementwise scale: compiled on parameters sharded over heads
     (tensor) and rows (fsdp), it has no all-gather and keeps every sharding."""
-    cfg = config.preset("tiny")
+    cfg = presets.preset("tiny")
     p = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     mesh = sharding.make_mesh(data=1, fsdp=2, expert=2, tensor=2)
-    shardings = sharding.state_shardings(p, mesh)
+    shardings = sharding.variable_shardings(p, mesh)
     p = jax.device_put(p, shardings)
     s = jnp.full((cfg.num_hidden_layers, cfg.num_attention_heads), 3.0).at[0, 1].set(50.0)
     clip = jax.jit(lambda p, s: optim.clip_params(p, s, qk_layout(cfg), tau=10.0))
@@ -215,7 +217,7 @@ def test_clip_on_sharded_weights_gathers_nothing():
 def test_one_layer_forward_max_logits_become_min_s_tau(variant):
     """The literal claim on a one-layer model, where nothing downstream of the clipped
     attention feeds back: the plain forward's aux["attn_max_logits"] is min(S, τ)."""
-    cfg = config.preset(*VARIANTS[variant], "initializer_range=0.15", "num_hidden_layers=1")
+    cfg = presets.preset(*VARIANTS[variant], "initializer_range=0.15", "num_hidden_layers=1")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.vocab_size)
@@ -223,6 +225,6 @@ def test_one_layer_forward_max_logits_become_min_s_tau(variant):
     s = fwd(p)
     tau = float(jnp.median(s))
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=tau, weight_decay=0.0,
-                        partition=params.partition(cfg))
+                        partition=optimizer.partition(cfg))
     new_p, _ = _zero_step(tx, p, s)
     np.testing.assert_allclose(fwd(new_p), jnp.minimum(s, tau), rtol=2e-5)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax import config
+from k2jax import config, presets
 from k2jax.model import rope
 
 
@@ -18,7 +18,7 @@ def test_yarn_matches_paper_outside_ramp(name):
     """YaRN (arXiv 2309.00071 eq. 16-18): with r = L / λ_i rotations over the original
     context L, frequencies with r > β_fast stay as they are, those with r < β_slow are
     divided by s, and the ramp between blends them monotonically."""
-    cfg = config.preset(name)
+    cfg = presets.preset(name)
     y, dim, base = cfg.rope_scaling, cfg.qk_rope_head_dim, cfg.rope_theta
     theta = base ** (-np.arange(0, dim, 2) / dim)
     r = y.original_max_position_embeddings / (2 * math.pi / theta)
@@ -35,13 +35,13 @@ def test_yarn_matches_paper_outside_ramp(name):
 def test_yarn_matches_transformers_values():
     """Values printed by transformers 5.24 (_compute_yarn_parameters, yarn_apply_mscale)
     for the published configs: K2's first inv_freqs and last, and both softmax scales."""
-    k2 = config.preset("kimi-k2")
+    k2 = presets.preset("kimi-k2")
     inv = rope.inv_frequencies(k2.qk_rope_head_dim, k2.rope_theta, k2.rope_scaling)
     np.testing.assert_allclose(inv[:3], [1.0, 0.71311, 0.50853], rtol=1e-4)
     np.testing.assert_allclose(inv[-1], 8.764e-07, rtol=1e-3)
     assert rope.softmax_scale(k2.qk_head_dim, k2.rope_scaling) == pytest.approx(
         0.13086079996295005, rel=1e-12)
-    ds = config.preset("deepseek-v3")
+    ds = presets.preset("deepseek-v3")
     assert rope.softmax_scale(ds.qk_head_dim, ds.rope_scaling) == pytest.approx(
         0.1352337788608801, rel=1e-12)
     assert rope.cos_sin_scale(k2.rope_scaling) == 1.0

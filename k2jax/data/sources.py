@@ -18,6 +18,7 @@ import sysconfig
 
 import numpy as np
 
+from k2jax import atomic
 from k2jax.config import DataConfig
 from k2jax.data.errors import DataError
 from k2jax.data.shards import read_shard
@@ -157,9 +158,8 @@ def load_tokens(cfg: DataConfig, split: str = "train"):
             tokens = np.load(cache, mmap_mode="r")
         else:
             tokens = _encode_files(chosen, tok)
-            tmp = f"{cache}.tmp{os.getpid()}.npy"
-            np.save(tmp, tokens)
-            os.replace(tmp, cache)
+            with atomic.file(cache) as tmp:
+                np.save(tmp, tokens)
     return TokenStream([tokens], f"{cfg.source}:{split}"), tok
 
 

@@ -12,7 +12,9 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from k2jax import atomic
 from k2jax.data.errors import DataError
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -45,8 +47,6 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -58,17 +58,14 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str) -> BPETokenizer:
-        from tokenizers import Tokenizer
-
         try:
             return cls(Tokenizer.from_file(path))
         except Exception as e:  # noqa: BLE001 - the library raises its own exception type
             raise DataError(f"{path}: not a readable tokenizer file ({e})") from None
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        self._tok.save(tmp)
-        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
+        with atomic.file(path) as tmp:  # concurrent processes never see half a file
+            self._tok.save(tmp)
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, np.int32)

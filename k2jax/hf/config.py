@@ -51,7 +51,8 @@ _REQUIRED = {
 _YARN_FIELDS = {f.name for f in dataclasses.fields(YarnConfig)}
 
 
-def _read_json(path: str, what: str) -> dict:
+def read_json(path: str, what: str) -> dict:
+    """A JSON file as a dict; a missing or malformed file is a ConfigError naming ``what``."""
     if not os.path.isfile(path):
         raise ConfigError(f"{what}: no {os.path.basename(path)} at {path}")
     try:
@@ -87,7 +88,7 @@ def config_from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelC
         path = os.fspath(config)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        config = _read_json(path, "from_hf")
+        config = read_json(path, "from_hf")
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"from_hf: unsupported model_type {model_type!r} "
@@ -112,6 +113,11 @@ def config_from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelC
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
 
+
+# ModelConfig fields a checkpoint does not determine: dispatch, dtypes, balancing, init.
+# hf.load lets the caller set only these; the rest must come from config.json.
+TRAINING_FIELDS = ("router_bias_update_rate", "aux_loss_alpha", "moe_impl", "moe_block_size",
+                   "dtype", "param_dtype", "initializer_range")
 
 # Fields of ModelConfig that are k2jax's (training, dispatch, numerics), not the architecture.
 _K2JAX_ONLY = {"attention", "num_key_value_heads", "head_dim", "qk_norm", "rope_scaling",

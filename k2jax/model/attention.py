@@ -7,7 +7,8 @@ enters only through a decoupled RoPE part: a per-head RoPE query q^R_h and
 one RoPE key k^R shared by all heads, produced by kv_a alongside c_kv.
 
 Per-head weights are stored with an explicit ``heads`` axis (e.g. q_b is
-[q_lora, H, nope+rope]) so that QK-Clip and tensor parallelism address a head
+[Q, H, P + R]: q-LoRA rank, heads, no-RoPE + RoPE width; letters as in the
+k2jax.model docstring) so that QK-Clip and tensor parallelism address a head
 by index rather than by reshaping a flat matrix.
 
 The causal mask is by array index: ``positions_BT`` moves RoPE only (packed
@@ -16,8 +17,8 @@ documents attend across their boundaries, as in nanoGPT-style training).
 Every call returns, besides the output, S_h = max over batch and causal
 (query, key) pairs of the pre-softmax logit, exactly the value the softmax
 sees (scale and YaRN mscale included). QK-Clip (Kimi K2, arXiv 2507.20534
-§2.1) consumes it after the optimizer step; it costs one max-reduction over
-logits that are computed anyway.
+§2.1) consumes it after the optimizer step (k2jax/optimizer.py says where each
+head's weights live); it costs one max-reduction over logits computed anyway.
 """
 
 from __future__ import annotations
@@ -29,18 +30,17 @@ from flax import nnx
 from k2jax.config import ModelConfig
 from k2jax.model import rope
 from k2jax.model.layers import RMSNorm, dtypes, param
-from optim.qk_clip import ClipTarget, QKLayout
 
 
-def causal_attention(logits_BHTS, v_BSHV, dtype):
-    """Causal softmax attention on precomputed logits -> (out [B,T,H,V], max_logit [H])."""
+def causal_attention(logits_BHTS, v_BSHU, dtype):
+    """Causal softmax attention on precomputed logits -> (out [B, T, H, U], max_logit [H])."""
     t, s = logits_BHTS.shape[-2:]
     mask_TS = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
     masked = jnp.where(mask_TS, logits_BHTS, -jnp.inf)
     max_logit_H = jax.lax.stop_gradient(jnp.max(masked, axis=(0, 2, 3)))
     probs_BHTS = jax.nn.softmax(masked, axis=-1).astype(dtype)
-    out_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV.astype(dtype))
-    return out_BTHV, max_logit_H
+    out_BTHU = jnp.einsum("bhts,bshu->bthu", probs_BHTS, v_BSHU.astype(dtype))
+    return out_BTHU, max_logit_H
 
 
 def _positions(x_BTD, positions_BT):
@@ -86,25 +86,26 @@ class MLA(nnx.Module):
         nope, lora = cfg.qk_nope_head_dim, cfg.kv_lora_rank
         x = x_BTD.astype(dt)
         if cfg.q_lora_rank:
-            cq_BTR = self.q_a_norm(x @ self.q_a[...].astype(dt))
-            q_BTHK = jnp.einsum("btr,rhk->bthk", cq_BTR, self.q_b[...].astype(dt))
+            cq_BTQ = self.q_a_norm(x @ self.q_a[...].astype(dt))
+            q_BTHK = jnp.einsum("btq,qhk->bthk", cq_BTQ, self.q_b[...].astype(dt))
         else:
             q_BTHK = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-        kv_BTL = x @ self.kv_a[...].astype(dt)
-        ckv_BTR, kr_BTR = kv_BTL[..., :lora], kv_BTL[..., lora:]
-        kv_BTHK = jnp.einsum("btr,rhk->bthk", self.kv_a_norm(ckv_BTR), self.kv_b[...].astype(dt))
-        k_nope_BTHN, v_BTHV = kv_BTHK[..., :nope], kv_BTHK[..., nope:]
+        kv_a_out = x @ self.kv_a[...].astype(dt)  # [B, T, C + R]
+        ckv_BTC, kr_BTR = kv_a_out[..., :lora], kv_a_out[..., lora:]
+        kv_b_out = jnp.einsum("btc,chj->bthj", self.kv_a_norm(ckv_BTC),
+                              self.kv_b[...].astype(dt))  # [B, T, H, P + U]
+        k_nope_BTHP, v_BTHU = kv_b_out[..., :nope], kv_b_out[..., nope:]
         if cfg.qk_norm:
             # Normalise the whole head (no-RoPE and RoPE parts) before rotation.
             h = cfg.num_attention_heads
             q_BTHK = self.q_norm(q_BTHK)
             kr_BTHR = jnp.broadcast_to(kr_BTR[:, :, None, :], (*kr_BTR.shape[:2], h,
                                                                kr_BTR.shape[-1]))
-            k_BTHK = self.k_norm(jnp.concatenate([k_nope_BTHN, kr_BTHR], axis=-1))
-            k_nope_BTHN, kr_BTHR = k_BTHK[..., :nope], k_BTHK[..., nope:]
+            k_BTHK = self.k_norm(jnp.concatenate([k_nope_BTHP, kr_BTHR], axis=-1))
+            k_nope_BTHP, kr_BTHR = k_BTHK[..., :nope], k_BTHK[..., nope:]
         else:
-            kr_BTHR = kr_BTR[:, :, None, :]
-        q_nope_BTHN, qr_BTHR = q_BTHK[..., :nope], q_BTHK[..., nope:]
+            kr_BTHR = kr_BTR[:, :, None, :]  # [B, T, 1, R]: one RoPE key shared by all heads
+        q_nope_BTHP, qr_BTHR = q_BTHK[..., :nope], q_BTHK[..., nope:]
         pos = _positions(x_BTD, positions_BT)
         inv_freq = rope.inv_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
         cs = rope.cos_sin_scale(cfg.rope_scaling)
@@ -112,18 +113,19 @@ class MLA(nnx.Module):
         kr_BTHR = rope.apply_rope(kr_BTHR, pos, inv_freq, cs)
         f32 = jnp.float32
         logits_BHTS = (
-            jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BTHN, preferred_element_type=f32)
+            jnp.einsum("bthp,bshp->bhts", q_nope_BTHP, k_nope_BTHP, preferred_element_type=f32)
             + jnp.einsum("bthr,bshr->bhts", qr_BTHR, kr_BTHR, preferred_element_type=f32)
         ) * rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
-        out_BTHV, max_logit_H = causal_attention(logits_BHTS, v_BTHV, dt)
-        y_BTD = jnp.einsum("bthv,hvd->btd", out_BTHV, self.o[...].astype(dt))
+        out_BTHU, max_logit_H = causal_attention(logits_BHTS, v_BTHU, dt)
+        y_BTD = jnp.einsum("bthu,hud->btd", out_BTHU, self.o[...].astype(dt))
         return y_BTD, max_logit_H
 
 
 class MHA(nnx.Module):
-    """Multi-head attention with RoPE on the whole head; GQA when kv heads < heads.
+    """Multi-head attention with RoPE on the whole head; GQA when kv heads G < heads H.
 
-    Query head h reads key/value head h // (H / H_kv), the usual grouping.
+    Query head h reads key/value head h // (H / G), the usual grouping. Here the
+    value width U equals the q/k width K (both ``head_dim``).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -143,8 +145,8 @@ class MHA(nnx.Module):
         group = cfg.num_attention_heads // cfg.kv_heads
         x = x_BTD.astype(dt)
         q_BTHK = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-        k_BTGK = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
-        v_BTGK = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+        k_BTGK = jnp.einsum("btd,dgk->btgk", x, self.k_proj[...].astype(dt))
+        v_BTGU = jnp.einsum("btd,dgu->btgu", x, self.v_proj[...].astype(dt))
         if cfg.qk_norm:
             q_BTHK, k_BTGK = self.q_norm(q_BTHK), self.k_norm(k_BTGK)
         pos = _positions(x_BTD, positions_BT)
@@ -153,42 +155,14 @@ class MHA(nnx.Module):
         q_BTHK = rope.apply_rope(q_BTHK, pos, inv_freq, cs)
         k_BTGK = rope.apply_rope(k_BTGK, pos, inv_freq, cs)
         k_BTHK = jnp.repeat(k_BTGK, group, axis=2)
-        v_BTHK = jnp.repeat(v_BTGK, group, axis=2)
+        v_BTHU = jnp.repeat(v_BTGU, group, axis=2)
         logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK,
                                  preferred_element_type=jnp.float32)
         logits_BHTS = logits_BHTS * rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
-        out_BTHK, max_logit_H = causal_attention(logits_BHTS, v_BTHK, dt)
-        y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK, self.o[...].astype(dt))
+        out_BTHU, max_logit_H = causal_attention(logits_BHTS, v_BTHU, dt)
+        y_BTD = jnp.einsum("bthu,hud->btd", out_BTHU, self.o[...].astype(dt))
         return y_BTD, max_logit_H
 
 
 def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs) -> MLA | MHA:
     return MLA(cfg, rngs=rngs) if cfg.attention == "mla" else MHA(cfg, rngs=rngs)
-
-
-def qk_layout(cfg: ModelConfig) -> QKLayout:
-    """Where QK-Clip finds each layer's per-head query/key slices (see optim.qk_clip).
-
-    MLA: q_b (or q_proj) [.., H, nope+rope]: no-RoPE part ×√γ, RoPE part ×γ;
-    kv_b [.., H, nope+v]: no-RoPE key part ×√γ, values untouched; the shared RoPE
-    key in kv_a untouched. MHA: q_proj and k_proj ×√γ. GQA: q_proj ×γ, keys untouched.
-    """
-    if cfg.qk_norm:
-        raise ValueError("qk_layout: qk_norm=True normalises q and k, so scaling their "
-                         "weights cannot clip logits; use QK-Clip or qk_norm, not both")
-    targets = []
-    for layer in range(cfg.num_hidden_layers):
-        pre = f"layers.{layer}.attn."
-        if cfg.attention == "mla":
-            nope, rdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-            q_name = "q_b" if cfg.q_lora_rank else "q_proj"
-            targets.append(ClipTarget(pre + q_name, layer, 1,
-                                      ((0, nope, 0.5), (nope, nope + rdim, 1.0))))
-            targets.append(ClipTarget(pre + "kv_b", layer, 1, ((0, nope, 0.5),)))
-        elif cfg.kv_heads == cfg.num_attention_heads:
-            hd = cfg.mha_head_dim
-            targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, hd, 0.5),)))
-            targets.append(ClipTarget(pre + "k_proj", layer, 1, ((0, hd, 0.5),)))
-        else:
-            targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, cfg.mha_head_dim, 1.0),)))
-    return QKLayout(cfg.num_hidden_layers, cfg.num_attention_heads, tuple(targets))

@@ -6,22 +6,28 @@ gets no gradient and is nudged toward balanced load after every step
 (aux-loss-free balancing); the chosen experts are *weighted* by s alone,
 normalised over the top-k (``norm_topk_prob``) and scaled by
 ``routed_scaling_factor``. With ``n_group > 1`` routing is group-limited: each
-group is scored by the sum of its top-2 biased scores and only experts in the
-``topk_group`` best groups may be chosen.
+of the M groups is scored by the sum of its top-2 biased scores and only
+experts in the Y = ``topk_group`` best groups may be chosen.
 
 Dispatch is exact (no token is ever dropped) and its compute grows with the
 number of *active* experts. Three implementations compute the same function
 (``moe_impl="auto"``, the default, takes ``blocked`` on CPU, ``ragged`` elsewhere):
 
-- ``blocked`` (default; fast on CPU): sort the N·K (token, expert) assignments
-  by expert, pad each expert's run up to a multiple of a block size, and run
-  one batched matmul over blocks, each block with its expert's weights.
-  Padding is at most E·(block-1) rows, so cost ≈ active compute; but each
-  block gathers its expert's weights, a temporary of n_blocks·D·F per matrix,
-  which is fine on CPU and prohibitive at K2 scale.
+- ``blocked`` (default; fast on CPU): sort the A = N·X (token, expert)
+  assignments by expert, pad each expert's run up to a multiple of W rows, and
+  run one batched matmul over the Z blocks, each block with its expert's
+  weights. Padding is at most E·(W-1) rows, so cost ≈ active compute; but each
+  block gathers its expert's weights, a temporary of Z·D·F per matrix, which
+  is fine on CPU and prohibitive at K2 scale.
 - ``ragged``: the same sorted layout through ``jax.lax.ragged_dot`` (grouped
-  GEMM), the right kernel on accelerators; ~60x slower than ``blocked`` on CPU.
+  GEMM), the right kernel on accelerators. On the 2-core CPU of
+  benchmarks/RESULTS.md a whole-model forward+backward with it takes 1.6× (8
+  experts, top-2), 3.1× (preset ``small``) and 10× (64 experts, top-2) as long
+  as with ``blocked``.
 - ``dense``: every expert on every token, masked: the reference for tests.
+
+Shape letters (k2jax.model docstring): N tokens, E experts, X experts per
+token, A = N·X assignments, M groups, Y groups kept, W rows per block, Z blocks.
 """
 
 from __future__ import annotations
@@ -35,22 +41,22 @@ from k2jax.model.layers import MLP, SelectionBias, dtypes, param
 
 
 def route(logits_NE, bias_E, cfg: ModelConfig):
-    """Choose experts -> (indices [N, K] int32, weights [N, K] f32, scores [N, E] f32)."""
+    """Choose experts -> (indices [N, X] int32, weights [N, X] f32, scores [N, E] f32)."""
     scores_NE = jax.nn.sigmoid(logits_NE.astype(jnp.float32))
     choice_NE = scores_NE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
     if cfg.n_group > 1:
         n, e = choice_NE.shape
-        grouped_NGe = choice_NE.reshape(n, cfg.n_group, e // cfg.n_group)
-        group_score_NG = jax.lax.top_k(grouped_NGe, 2)[0].sum(-1)
-        _, top_groups_NT = jax.lax.top_k(group_score_NG, cfg.topk_group)
-        allowed_NG = jax.nn.one_hot(top_groups_NT, cfg.n_group, dtype=jnp.bool_).any(1)
-        allowed_NE = jnp.repeat(allowed_NG, e // cfg.n_group, axis=1)
+        grouped = choice_NE.reshape(n, cfg.n_group, e // cfg.n_group)  # [N, M, E / M]
+        group_score_NM = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        _, top_groups_NY = jax.lax.top_k(group_score_NM, cfg.topk_group)
+        allowed_NM = jax.nn.one_hot(top_groups_NY, cfg.n_group, dtype=jnp.bool_).any(1)
+        allowed_NE = jnp.repeat(allowed_NM, e // cfg.n_group, axis=1)
         choice_NE = jnp.where(allowed_NE, choice_NE, -jnp.inf)
-    _, idx_NK = jax.lax.top_k(jax.lax.stop_gradient(choice_NE), cfg.num_experts_per_tok)
-    w_NK = jnp.take_along_axis(scores_NE, idx_NK, axis=1)
+    _, idx_NX = jax.lax.top_k(jax.lax.stop_gradient(choice_NE), cfg.num_experts_per_tok)
+    w_NX = jnp.take_along_axis(scores_NE, idx_NX, axis=1)
     if cfg.norm_topk_prob:
-        w_NK = w_NK / (w_NK.sum(-1, keepdims=True) + 1e-20)
-    return idx_NK, w_NK * cfg.routed_scaling_factor, scores_NE
+        w_NX = w_NX / (w_NX.sum(-1, keepdims=True) + 1e-20)
+    return idx_NX, w_NX * cfg.routed_scaling_factor, scores_NE
 
 
 def update_selection_bias(bias_E, load_E, rate: float):
@@ -59,10 +65,10 @@ def update_selection_bias(bias_E, load_E, rate: float):
     return bias_E + rate * jnp.sign(load_E.mean() - load_E)
 
 
-def balance_loss(scores_BTE, idx_BTK, n_experts: int):
+def balance_loss(scores_BTE, idx_BTX, n_experts: int):
     """DeepSeek-V3's sequence-wise balance loss Σ_i f_i·P_i (eqs. 17-19), mean over sequences."""
-    _, t, k = idx_BTK.shape
-    counts_BE = jax.nn.one_hot(idx_BTK, n_experts, dtype=jnp.float32).sum((1, 2))
+    _, t, k = idx_BTX.shape
+    counts_BE = jax.nn.one_hot(idx_BTX, n_experts, dtype=jnp.float32).sum((1, 2))
     f_BE = counts_BE * n_experts / (k * t)
     p_BE = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(1)
     return (f_BE * p_BE).sum(-1).mean()
@@ -73,17 +79,17 @@ def _swiglu(x, w_gate, w_up, w_down, eq_in: str, eq_out: str):
     return jnp.einsum(eq_out, h, w_down)
 
 
-def experts_dense(x_ND, idx_NK, w_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
+def experts_dense(x_ND, idx_NX, w_NX, w_gate_EDF, w_up_EDF, w_down_EFD):
     """Reference: every expert on every token, then keep the routed ones (weights 0 elsewhere)."""
     y_NED = _swiglu(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, "nd,edf->nef", "nef,efd->ned")
     gates_NE = jnp.zeros((x_ND.shape[0], w_gate_EDF.shape[0]), jnp.float32)
-    gates_NE = gates_NE.at[jnp.arange(x_ND.shape[0])[:, None], idx_NK].add(w_NK)
+    gates_NE = gates_NE.at[jnp.arange(x_ND.shape[0])[:, None], idx_NX].add(w_NX)
     return jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), gates_NE)
 
 
-def _sort_assignments(idx_NK, n_experts: int):
-    """Order of the N·K assignments sorted by expert, and each expert's count."""
-    expert_A = idx_NK.reshape(-1)
+def _sort_assignments(idx_NX, n_experts: int):
+    """The A = N·X assignments' experts, their order sorted by expert, each expert's count."""
+    expert_A = idx_NX.reshape(-1)
     order_A = jnp.argsort(expert_A, stable=True)
     counts_E = jnp.bincount(expert_A, length=n_experts)
     return expert_A, order_A, counts_E
@@ -91,20 +97,21 @@ def _sort_assignments(idx_NK, n_experts: int):
 
 def auto_block_size(n_assign: int, n_experts: int) -> int:
     """A power of two near half the mean rows per expert, in [8, 256]: padding
-    (< E·block rows) stays under ~half the work, while blocks stay big enough
+    (< E·W rows) stays under ~half the work, while blocks stay big enough
     for efficient matmuls (measured on CPU, benchmarks/RESULTS.md)."""
     target = max(1, n_assign // (2 * n_experts))
     return int(min(256, max(8, 1 << (target.bit_length() - 1))))
 
 
-def experts_blocked(x_ND, idx_NK, w_NK, w_gate_EDF, w_up_EDF, w_down_EFD, block: int = 0):
-    """Exact dispatch as batched matmuls over expert-homogeneous blocks of rows."""
-    n, k = idx_NK.shape
+def experts_blocked(x_ND, idx_NX, w_NX, w_gate_EDF, w_up_EDF, w_down_EFD, block: int = 0):
+    """Exact dispatch as batched matmuls over Z expert-homogeneous blocks of W = ``block``
+    rows (0: ``auto_block_size``)."""
+    n, k = idx_NX.shape
     e, d = w_gate_EDF.shape[:2]
     a = n * k
     block = block or auto_block_size(a, e)
-    n_blocks = (a + e * (block - 1)) // block  # static bound on Σ_e ceil(count_e / block)
-    expert_A, order_A, counts_E = _sort_assignments(idx_NK, e)
+    n_blocks = (a + e * (block - 1)) // block  # Z: static bound on Σ_e ceil(count_e / W)
+    expert_A, order_A, counts_E = _sort_assignments(idx_NX, e)
     padded_E = (counts_E + block - 1) // block * block
     padded_end_E = jnp.cumsum(padded_E)
     padded_start_E = padded_end_E - padded_E
@@ -114,28 +121,28 @@ def experts_blocked(x_ND, idx_NK, w_NK, w_gate_EDF, w_up_EDF, w_down_EFD, block:
     slot_of_sorted_A = padded_start_E[sorted_expert_A] + rank_A
     slot_of_A = jnp.zeros(a, jnp.int32).at[order_A].set(slot_of_sorted_A.astype(jnp.int32))
     token_of_slot = jnp.full(n_blocks * block, n, jnp.int32).at[slot_of_A].set(
-        jnp.arange(a, dtype=jnp.int32) // k)
-    block_expert_B = jnp.minimum(
+        jnp.arange(a, dtype=jnp.int32) // k)  # [Z·W]
+    block_expert_Z = jnp.minimum(
         jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"), e - 1)
     x_pad = jnp.concatenate([x_ND, jnp.zeros((1, d), x_ND.dtype)])  # row n: zeros
-    x_BkD = x_pad[token_of_slot].reshape(n_blocks, block, d)
-    y_BkD = _swiglu(x_BkD, w_gate_EDF[block_expert_B], w_up_EDF[block_expert_B],
-                    w_down_EFD[block_expert_B], "bkd,bdf->bkf", "bkf,bfd->bkd")
-    y_AD = y_BkD.reshape(n_blocks * block, d)[slot_of_A]
-    return jnp.einsum("nkd,nk->nd", y_AD.reshape(n, k, d).astype(jnp.float32), w_NK)
+    x_ZWD = x_pad[token_of_slot].reshape(n_blocks, block, d)
+    y_ZWD = _swiglu(x_ZWD, w_gate_EDF[block_expert_Z], w_up_EDF[block_expert_Z],
+                    w_down_EFD[block_expert_Z], "zwd,zdf->zwf", "zwf,zfd->zwd")
+    y_AD = y_ZWD.reshape(n_blocks * block, d)[slot_of_A]
+    return jnp.einsum("nxd,nx->nd", y_AD.reshape(n, k, d).astype(jnp.float32), w_NX)
 
 
-def experts_ragged(x_ND, idx_NK, w_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
+def experts_ragged(x_ND, idx_NX, w_NX, w_gate_EDF, w_up_EDF, w_down_EFD):
     """Exact dispatch through ``jax.lax.ragged_dot`` grouped matmuls."""
-    n, k = idx_NK.shape
-    _, order_A, counts_E = _sort_assignments(idx_NK, w_gate_EDF.shape[0])
+    n, k = idx_NX.shape
+    _, order_A, counts_E = _sort_assignments(idx_NX, w_gate_EDF.shape[0])
     counts_E = counts_E.astype(jnp.int32)
     xs_AD = x_ND[order_A // k]
     h = jax.nn.silu(jax.lax.ragged_dot(xs_AD, w_gate_EDF, counts_E)) * jax.lax.ragged_dot(
         xs_AD, w_up_EDF, counts_E)
     ys_AD = jax.lax.ragged_dot(h, w_down_EFD, counts_E)
     y_AD = jnp.zeros_like(ys_AD).at[order_A].set(ys_AD)
-    return jnp.einsum("nkd,nk->nd", y_AD.reshape(n, k, -1).astype(jnp.float32), w_NK)
+    return jnp.einsum("nxd,nx->nd", y_AD.reshape(n, k, -1).astype(jnp.float32), w_NX)
 
 
 class MoE(nnx.Module):
@@ -163,25 +170,25 @@ class MoE(nnx.Module):
         x_ND = x_BTD.reshape(b * t, d).astype(dt)
         logits_NE = jnp.dot(x_ND.astype(jnp.float32), self.router[...],
                             precision=jax.lax.Precision.HIGHEST)
-        idx_NK, w_NK, scores_NE = route(logits_NE, self.selection_bias[...], cfg)
+        idx_NX, w_NX, scores_NE = route(logits_NE, self.selection_bias[...], cfg)
         weights = [w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)]
         impl = cfg.moe_impl
         if impl == "auto":
             impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
         if impl == "dense":
-            y_ND = experts_dense(x_ND, idx_NK, w_NK, *weights)
+            y_ND = experts_dense(x_ND, idx_NX, w_NX, *weights)
         elif impl == "ragged":
-            y_ND = experts_ragged(x_ND, idx_NK, w_NK, *weights)
+            y_ND = experts_ragged(x_ND, idx_NX, w_NX, *weights)
         else:
-            y_ND = experts_blocked(x_ND, idx_NK, w_NK, *weights, block=cfg.moe_block_size)
+            y_ND = experts_blocked(x_ND, idx_NX, w_NX, *weights, block=cfg.moe_block_size)
         y_BTD = y_ND.reshape(b, t, d).astype(dt)
         if cfg.n_shared_experts:
             y_BTD = y_BTD + self.shared(x_BTD)
         stats = {
-            "load": jnp.bincount(idx_NK.reshape(-1), length=cfg.n_routed_experts).astype(
+            "load": jnp.bincount(idx_NX.reshape(-1), length=cfg.n_routed_experts).astype(
                 jnp.float32),
             "balance_loss": (balance_loss(scores_NE.reshape(b, t, -1),
-                                          idx_NK.reshape(b, t, -1), cfg.n_routed_experts)
+                                          idx_NX.reshape(b, t, -1), cfg.n_routed_experts)
                              if cfg.aux_loss_alpha else jnp.zeros((), jnp.float32)),
         }
         return y_BTD, stats

@@ -35,7 +35,8 @@ def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -
 
 
 def inv_frequencies(dim: int, base: float, yarn: YarnConfig | None = None) -> np.ndarray:
-    """Inverse frequencies θ_i, i < dim/2, float64 on the host (exact, then cast)."""
+    """Inverse frequencies θ_i, i < dim/2 ([R / 2] for dim = R), float64 on the host
+    (exact, then cast)."""
     extrapolation = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if yarn is None or yarn.factor <= 1.0:
         return extrapolation
@@ -71,12 +72,15 @@ def cos_sin_scale(yarn: YarnConfig | None) -> float:
     return yarn_mscale(yarn.factor, 1.0)
 
 
-def apply_rope(x_BTHR, positions_BT, inv_freq_R2: np.ndarray, scale: float = 1.0):
-    """Rotate interleaved pairs of the last axis of x [B, T, H, R] by pos·θ."""
-    angles_BTR2 = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(
-        inv_freq_R2, jnp.float32)
-    cos = (jnp.cos(angles_BTR2) * scale)[:, :, None, :]
-    sin = (jnp.sin(angles_BTR2) * scale)[:, :, None, :]
+def apply_rope(x_BTHR, positions_BT, inv_freq: np.ndarray, scale: float = 1.0):
+    """Rotate interleaved pairs of the last axis of x [B, T, H, R] by pos·θ.
+
+    ``inv_freq`` is [R / 2] (``inv_frequencies(R, ...)``); H may be 1, broadcast over heads.
+    """
+    angles = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(
+        inv_freq, jnp.float32)  # [B, T, R / 2]
+    cos = (jnp.cos(angles) * scale)[:, :, None, :]
+    sin = (jnp.sin(angles) * scale)[:, :, None, :]
     x = x_BTHR.astype(jnp.float32)
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     out_even = x_even * cos - x_odd * sin

@@ -4,7 +4,7 @@
 float32 whatever the compute dtype; ``aux`` carries what the optimizer and
 the training loop read back from the forward pass:
 
-- ``attn_max_logits`` [num_layers, num_heads] f32: per-head max pre-softmax logit (QK-Clip);
+- ``attn_max_logits`` [L, H] f32: per-head max pre-softmax logit (QK-Clip);
 - ``expert_load`` [num_moe_layers, E] f32: tokens routed to each expert (balancing, metrics);
 - ``balance_loss`` scalar: aux_loss_alpha · Σ of the sequence-wise balance losses.
 """
