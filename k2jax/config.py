@@ -1,11 +1,12 @@
-"""Typed, frozen, validated configs, built from dicts, JSON files and dotted overrides.
+"""Typed, frozen, validated configs, and their dict / JSON form.
 
 Field names follow Hugging Face's ``DeepseekV3Config`` wherever one exists, so a
 published ``config.json`` maps onto :class:`ModelConfig` key for key
 (``k2jax.hf.config_from_hf``). Every config validates itself on construction, and
 every error names the offending field, so a bad sweep fails before any compute.
-Named model shapes live in ``k2jax/presets.py``. This module is the root of the
-import graph: it imports nothing from the project.
+Named model shapes live in ``k2jax/presets.py``, dotted ``key=value`` overrides in
+``k2jax/overrides.py``. This module is the root of the import graph: it imports
+nothing from the project.
 """
 
 from __future__ import annotations
@@ -321,13 +322,18 @@ def _check_fields(cfg, prefix: str, positive=(), non_negative=()) -> None:
         inner, optional = unwrap_optional(tp)
         if optional and value is None:
             continue
-        if (key, value) in RENAMED:
+        if isinstance(value, str) and (key, value) in RENAMED:
             raise ConfigError(f"{key}={value!r}: now spelled {RENAMED[key, value]}")
         if typing.get_origin(inner) is Literal:
             choices = typing.get_args(inner)
             _check(value in choices, key, value, f"must be one of {', '.join(map(repr, choices))}")
         elif inner is bool:
             _check(isinstance(value, bool), key, value, "must be true or false")
+        elif inner in (int, float):  # a JSON file can hold anything
+            _check(isinstance(value, int | float) and not isinstance(value, bool), key, value,
+                   "must be a number")
+        elif inner is str:
+            _check(isinstance(value, str), key, value, "must be a string")
     for names, ok, why in ((positive, lambda v: v > 0, "must be positive"),
                            (non_negative, lambda v: v >= 0, "must be >= 0")):
         for name in names:

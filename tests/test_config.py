@@ -100,3 +100,16 @@ def test_bad_literal_names_its_choices():
         config.from_dict(Config, {"optimizer": {"name": "sgd"}})
     with pytest.raises(ConfigError, match=re.escape("'stdlib', 'text', 'shards'")):
         config.from_dict(Config, {"data": {"source": "web"}})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"optimizer": {"lr": "fast"}}, "optimizer.lr='fast': must be a number"),
+    ({"optimizer": {"qk_clip": None}}, "optimizer.qk_clip=None: must be true or false"),
+    ({"train": {"steps": True}}, "train.steps=True: must be a number"),
+    ({"train": {"init_from": 3}}, "train.init_from=3: must be a string"),
+    ({"optimizer": {"name": ["muon"]}}, "optimizer.name=['muon']: must be one of"),
+])
+def test_json_values_of_the_wrong_type_name_the_field(values, message):
+    """A config.json is not parsed by field type, so every field checks its own."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.from_dict(Config, values)
