@@ -31,7 +31,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from k2jax import atomic, hf, loop, overrides, presets
-from k2jax.config import Config, ConfigError, TrainConfig
+from k2jax.config import Config, ConfigError, TrainConfig, suggest
 from k2jax.data import DataError, sources
 
 
@@ -43,11 +43,14 @@ def _fail(msg: str) -> None:
 def load_config(source: str, changes: list[str]) -> Config:
     """``--config``: a preset name, a config JSON file, or a Hugging Face checkpoint
     directory (its architecture, ``train.init_from`` = its weights); then overrides."""
+    if source in presets.PRESETS or os.path.isfile(source):
+        return presets.load(source, changes)
     if os.path.isdir(source):
         cfg = Config(model=hf.config_from_hf(source),
                      train=TrainConfig(init_from=os.path.abspath(source)))
         return overrides.apply(cfg, changes)
-    return presets.load(source, changes)
+    raise ConfigError(f"--config {source!r} is neither a preset ({', '.join(presets.PRESETS)}), "
+                      f"a config file nor a checkpoint directory{suggest(source, presets.PRESETS)}")
 
 
 def resolve(args) -> Config:

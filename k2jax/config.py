@@ -48,14 +48,9 @@ class YarnConfig:
     mscale_all_dim: float = 0.0
 
     def __post_init__(self):
+        _check_fields(self, "rope_scaling.", non_negative=("mscale", "mscale_all_dim"),
+                      positive=("original_max_position_embeddings", "beta_fast", "beta_slow"))
         _check(self.factor >= 1.0, "rope_scaling.factor", self.factor, "must be >= 1")
-        _check(self.original_max_position_embeddings > 0,
-               "rope_scaling.original_max_position_embeddings",
-               self.original_max_position_embeddings, "must be positive")
-        _check(self.beta_fast > 0 and self.beta_slow > 0, "rope_scaling.beta_fast",
-               self.beta_fast, "beta_fast and beta_slow must be positive")
-        _check(self.mscale >= 0 and self.mscale_all_dim >= 0, "rope_scaling.mscale",
-               self.mscale, "mscale and mscale_all_dim must be >= 0 (0 = not given)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +305,11 @@ def suggest(name: str, choices: typing.Iterable[str], prefix: str = "") -> str:
 
 
 # Spellings that once worked, and what to write now.
-RENAMED = {("optimizer.name", "muonclip"): "optimizer.name=muon optimizer.qk_clip=true"}
+RENAMED = {
+    ("optimizer.name", "muonclip"): "optimizer.name=muon optimizer.qk_clip=true",
+    # configs written before the split: null meant "on for muonclip only", so off here
+    ("optimizer.qk_clip", None): "optimizer.qk_clip=false",
+}
 
 
 def _check_fields(cfg, prefix: str, positive=(), non_negative=()) -> None:
@@ -322,7 +321,7 @@ def _check_fields(cfg, prefix: str, positive=(), non_negative=()) -> None:
         inner, optional = unwrap_optional(tp)
         if optional and value is None:
             continue
-        if isinstance(value, str) and (key, value) in RENAMED:
+        if isinstance(value, str | None) and (key, value) in RENAMED:
             raise ConfigError(f"{key}={value!r}: now spelled {RENAMED[key, value]}")
         if typing.get_origin(inner) is Literal:
             choices = typing.get_args(inner)
@@ -330,10 +329,14 @@ def _check_fields(cfg, prefix: str, positive=(), non_negative=()) -> None:
         elif inner is bool:
             _check(isinstance(value, bool), key, value, "must be true or false")
         elif inner in (int, float):  # a JSON file can hold anything
-            _check(isinstance(value, int | float) and not isinstance(value, bool), key, value,
-                   "must be a number")
+            kinds = int if inner is int else int | float
+            _check(isinstance(value, kinds) and not isinstance(value, bool), key, value,
+                   f"must be {'an integer' if inner is int else 'a number'}")
         elif inner is str:
             _check(isinstance(value, str), key, value, "must be a string")
+        elif typing.get_origin(inner) is tuple:
+            _check(isinstance(value, tuple) and all(isinstance(v, str) for v in value), key,
+                   value, "must be a list of strings")
     for names, ok, why in ((positive, lambda v: v > 0, "must be positive"),
                            (non_negative, lambda v: v >= 0, "must be >= 0")):
         for name in names:

@@ -71,3 +71,12 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     cfg = json.loads((tmp_path / "multi" / "config.json").read_text())
     assert cfg["mesh"]["num_processes"] == 2
+
+
+def test_a_preset_name_wins_over_a_directory_of_that_name(tmp_path, monkeypatch):
+    from experiments.train import load_config
+
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["train.steps=3"])
+    assert cfg.model.hidden_size == 64 and not cfg.train.init_from

@@ -72,7 +72,7 @@ _BASE = re.compile(r"[a-z][a-z_]*(/[a-z][a-z_]*)+")
 
 
 def test_documented_tags_are_described_and_well_formed():
-    # (that a real run writes exactly these tags is tests/test_train.py's end-to-end check)
+    # (that a real run writes exactly these tags is tests/test_loop.py's end-to-end check)
     for tag, why in metrics.DOCUMENTED_TAGS.items():
         assert isinstance(why, str) and why.strip(), f"{tag}: no description"
         base, _, last = tag.rpartition("/")

@@ -31,8 +31,8 @@ def _lowered(cfg):
 def test_lr_sweep_compiles_one_program():
     """The peak lr is state, not a constant: every lr of a sweep lowers to the same init
     and step (one compile with the persistent cache), and each still trains at its own lr."""
-    a = _lowered(tiny("optimizer.qk_clip=true", "optimizer.lr=0.01"))
-    b = _lowered(tiny("optimizer.qk_clip=true", "optimizer.lr=0.03"))
+    a = _lowered(tiny("optimizer.lr=0.01"))
+    b = _lowered(tiny("optimizer.lr=0.03"))
     assert a[0] == b[0] and a[1] == b[1]
     (sa, ma), (sb, mb) = a[2], b[2]
     lr = lambda peak: float(optim.schedule(  # noqa: E731

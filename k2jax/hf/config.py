@@ -72,8 +72,9 @@ def _rope(config: dict) -> tuple[float, YarnConfig | None]:
     known = {"rope_type", "type", "rope_theta"} | (_YARN_FIELDS if kind == "yarn" else set())
     bad = [f"{k}={v!r}" for k, v in rs.items() if k not in known or v is None]
     if kind not in ("default", "yarn") or bad:
-        raise ConfigError(f"from_hf: rope_scaling {', '.join(bad) or f'type {kind!r}'} is not "
-                          f"supported (need 'yarn' with {', '.join(sorted(_YARN_FIELDS))})")
+        raise ConfigError(f"config_from_hf: rope_scaling {', '.join(bad) or f'type {kind!r}'} "
+                          f"is not supported (need 'yarn' with "
+                          f"{', '.join(sorted(_YARN_FIELDS))})")
     if kind == "default":
         return theta, None
     return theta, YarnConfig(**{k: v for k, v in rs.items() if k in _YARN_FIELDS})
@@ -91,21 +92,23 @@ def config_from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelC
         config = read_json(path, "from_hf")
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ConfigError(f"from_hf: unsupported model_type {model_type!r} "
+        raise ConfigError(f"config_from_hf: unsupported model_type {model_type!r} "
                           f"(supported: {', '.join(MODEL_TYPES)})")
     for key, want in _REQUIRED.items():
         if key in config and config[key] != want:
-            raise ConfigError(f"from_hf: {key}={config[key]!r} is not supported (need {want!r})")
+            raise ConfigError(f"config_from_hf: {key}={config[key]!r} is not supported "
+                              f"(need {want!r})")
     if config.get("num_key_value_heads", config.get("num_attention_heads")) != config.get(
             "num_attention_heads"):
-        raise ConfigError("from_hf: num_key_value_heads must equal num_attention_heads for MLA")
+        raise ConfigError("config_from_hf: num_key_value_heads must equal "
+                          "num_attention_heads for MLA")
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     kwargs: dict[str, Any] = {k: v for k, v in _HF_DEFAULTS.items() if k != "rope_theta"}
     for key, value in config.items():
         if key in _IGNORED or key.startswith("_"):
             continue
         if key not in names:
-            raise ConfigError(f"from_hf: unknown config.json key {key!r}")
+            raise ConfigError(f"config_from_hf: unknown config.json key {key!r}")
         kwargs[key] = value
     kwargs["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     kwargs["rope_theta"], kwargs["rope_scaling"] = _rope(config)

@@ -98,7 +98,7 @@ class MetricsWriter:
         if x.size:
             self._tb.add_histogram(tag, x, global_step=int(step))
 
-    def write_image(self, step: int, tag: str, array_HW, *, vmin: float | None = None,
+    def write_image(self, step: int, tag: str, array_2d, *, vmin: float | None = None,
                     vmax: float | None = None) -> None:
         """A 2-D array (e.g. max logits [layers, heads]) as a viridis heatmap.
 
@@ -111,7 +111,7 @@ class MetricsWriter:
             return
         import matplotlib  # optional heavy import, deferred until an image is drawn
 
-        x = np.asarray(array_HW, dtype=np.float64)
+        x = np.asarray(array_2d, dtype=np.float64)
         if x.ndim != 2:
             raise ValueError(f"write_image wants a 2-D array, got shape {x.shape}")
         finite = x[np.isfinite(x)]
@@ -121,8 +121,8 @@ class MetricsWriter:
         span = hi - lo if hi > lo else 1.0  # a constant image is all 0
         x01 = np.where(ok, np.clip((np.where(ok, x, lo) - lo) / span, 0, 1), 0.0)
         x01 = np.repeat(np.repeat(x01, max(1, 64 // x.shape[0]), 0), max(1, 64 // x.shape[1]), 1)
-        rgb_HWC = matplotlib.colormaps["viridis"](x01)[..., :3].astype(np.float32)
-        self._tb.add_image(tag, rgb_HWC, global_step=int(step), dataformats="HWC")
+        rgb = matplotlib.colormaps["viridis"](x01)[..., :3].astype(np.float32)
+        self._tb.add_image(tag, rgb, global_step=int(step), dataformats="HWC")
 
     def write_array(self, step: int, name: str, array) -> None:
         """Append ``{"step", "value": nested list}`` to ``name.jsonl``: small per-step arrays

@@ -14,7 +14,7 @@ T     query positions (sequence)            --
 S     key/value positions (= T here)        --
 D     model width                           ``hidden_size``
 V     vocabulary                            ``vocab_size``
-L     layers                                ``num_hidden_layers``
+L     layers (expert loads: MoE layers)     ``num_hidden_layers``
 H     query heads                           ``num_attention_heads``
 G     key/value heads (GQA; = H in MHA)     ``num_key_value_heads``
 K     q/k head width (P + R in MLA)         ``qk_head_dim``; MHA: ``head_dim``

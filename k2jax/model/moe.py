@@ -13,7 +13,7 @@ Dispatch is exact (no token is ever dropped) and its compute grows with the
 number of *active* experts. Three implementations compute the same function
 (``moe_impl="auto"``, the default, takes ``blocked`` on CPU, ``ragged`` elsewhere):
 
-- ``blocked`` (default; fast on CPU): sort the A = N·X (token, expert)
+- ``blocked`` (what ``auto`` picks on CPU; fast there): sort the A = N·X (token, expert)
   assignments by expert, pad each expert's run up to a multiple of W rows, and
   run one batched matmul over the Z blocks, each block with its expert's
   weights. Padding is at most E·(W-1) rows, so cost ≈ active compute; but each
