@@ -50,7 +50,7 @@ import time
 import matplotlib
 import numpy as np
 
-from k2jax import atomic, loop, metrics, presets
+from k2jax import atomic, loop, metrics, presets, sweeps
 from k2jax.config import ConfigError
 
 matplotlib.use("Agg")  # files only, no display
@@ -85,32 +85,15 @@ class Run:
 
 def summarize(run_dir: str, run: Run, tau: float, clipped: bool) -> dict:
     """The per-run numbers of summary.json, from the run's metrics.jsonl."""
-    rows = metrics.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    train = [r for r in rows if "train/loss" in r]
-    losses = np.array([r["train/loss"] for r in train], float)
-    logits = np.array([r["attn/max_logit"] for r in train], float)
-    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
-    second = logits[len(logits) // 2:]
-    fired = [r["step"] for r in train if r.get("qk_clip/heads_clipped", 0) > 0]
-    finite = losses[np.isfinite(losses)]
-    diverged_at = metrics.detect_divergence(losses)
-    return {
-        "run": run.name, "optimizer": run.label, "lr": run.lr, "tau": tau if clipped else None,
-        "steps": len(train),
-        "final_train_loss": float(np.mean(losses[-10:])) if len(losses) else math.nan,
-        "final_eval_loss": float(evals[-1]) if evals else math.nan,
-        "min_loss": float(finite.min()) if finite.size else math.nan,
-        "max_logit": float(np.nanmax(logits)) if logits.size else math.nan,
-        "median_max_logit_second_half": float(np.nanmedian(second)) if second.size else math.nan,
-        "steps_max_logit_above_tau": int(np.sum(logits > tau)),
-        "spikes": int(len(metrics.detect_spikes(losses))),
-        "diverged": diverged_at is not None,
-        "diverged_at": diverged_at,
-        "plateau_from": metrics.detect_plateau(losses, window=min(100, len(losses) // 3 or 1)),
-        "fraction_heads_ever_clipped": float(train[-1].get("qk_clip/fraction_ever_clipped",
-                                                           0.0)) if train else 0.0,
-        "last_clip_step": int(fired[-1]) if fired else None,
-    }
+    evals = [r["eval/loss"] for r in metrics.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+             if "eval/loss" in r]
+    s = sweeps.curve_summary(sweeps.train_rows(run_dir), evals, tau)
+    keys = ("steps", "final_train_loss", "final_eval_loss", "min_loss", "max_logit",
+            "median_max_logit_second_half", "steps_max_logit_above_tau", "spikes", "diverged",
+            "diverged_at", "plateau_from", "fraction_heads_ever_clipped", "last_clip_step")
+    return {"run": run.name, "optimizer": run.label, "lr": run.lr,
+            "tau": tau if clipped else None,
+            **{k: s["min_train_loss" if k == "min_loss" else k] for k in keys}}
 
 
 def _fmt(x, nd=3) -> str:

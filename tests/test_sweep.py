@@ -1,0 +1,267 @@
+"""The sweep runner: plans, names, resume, failure isolation, dry run, Ray, results, notebook."""
+
+import csv
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from experiments import sweep
+from experiments import sweeps as studies
+from k2jax import sweeps
+from k2jax.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Members on one CPU device (the tests' 8 simulated devices only slow tiny runs down).
+# Ray on loopback only: its single-machine mode (as on macOS), and no auth token.
+ENV = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": ROOT, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+       "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+TINY = ["data.seq_len=32", "data.global_batch_size=8", "optimizer.warmup_steps=2",
+        "train.steps=5", "train.eval_every=5", "train.eval_batches=2",
+        "train.checkpoint_every=1000", "train.final_checkpoint=false"]
+
+
+def _sweep(*args, env=ENV):
+    return subprocess.run([sys.executable, "-m", "experiments.sweep", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def _table(sweep_dir):
+    """results.csv rows without wall time, keyed by member."""
+    with open(os.path.join(sweep_dir, "results.csv")) as f:
+        return {r["member"]: {k: v for k, v in r.items() if k != "wall_s"}
+                for r in csv.DictReader(f)}
+
+
+# ---------------------------------------------------------------------------
+# planning (no training)
+
+
+def test_axes_make_the_product_of_grid_zip_and_random():
+    lr = studies.grid("optimizer.lr", [0.01, 0.1])
+    size = studies.zipped({"model.hidden_size": [32, 64], "train.steps": [10, 20]})
+    pts = studies.points([lr, size])
+    assert pts == [{"optimizer.lr": "0.01", "model.hidden_size": "32", "train.steps": "10"},
+                   {"optimizer.lr": "0.01", "model.hidden_size": "64", "train.steps": "20"},
+                   {"optimizer.lr": "0.1", "model.hidden_size": "32", "train.steps": "10"},
+                   {"optimizer.lr": "0.1", "model.hidden_size": "64", "train.steps": "20"}]
+    space = {"optimizer.lr": studies.LogUniform(1e-3, 1e-1), "train.seed": [0, 1, 2]}
+    draws = studies.random(space, n=50, seed=3)
+    assert draws == studies.random(space, n=50, seed=3) != studies.random(space, n=50, seed=4)
+    lrs = [float(d["optimizer.lr"]) for d in draws]
+    assert min(lrs) >= 1e-3 and max(lrs) <= 1e-1 and min(lrs) < 1e-2 < max(lrs)
+    assert {d["train.seed"] for d in draws} == {"0", "1", "2"}
+    assert studies.grid("optimizer.qk_clip", [True, False]) == (
+        {"optimizer.qk_clip": "true"}, {"optimizer.qk_clip": "false"})
+    with pytest.raises(ConfigError, match="different numbers"):
+        studies.zipped({"a": [1, 2], "b": [1]})
+    with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
+        studies.parse_axis("optimizer.lr")
+
+
+def test_members_are_named_readably_and_keyed_by_resolved_config():
+    axes = [studies.parse_axis("optimizer.lr=0.003,3e-3,0.03"),
+            studies.parse_axis("optimizer.name=adamw")]
+    members = sweep.plan("tiny", ["train.steps=5"], axes)
+    # 0.003 and 3e-3 resolve to one config: one member
+    assert [m.name.rsplit("-", 1)[0] for m in members] == ["lr=0.003_name=adamw",
+                                                           "lr=0.03_name=adamw"]
+    again = sweep.plan("tiny", ["train.steps=5"], axes)
+    assert [m.name for m in again] == [m.name for m in members]
+    changed = sweep.plan("tiny", ["train.steps=6"], axes)
+    assert not {m.name for m in changed} & {m.name for m in members}
+    # a differently spelled value finds the member already in the directory
+    known = {members[0].name.rsplit("-", 1)[1]: members[0].name}
+    respelled = sweep.plan("tiny", ["train.steps=5"],
+                           [studies.parse_axis("optimizer.lr=3e-3"), axes[1]], known)
+    assert respelled[0].name == members[0].name
+    # two keys ending alike keep their full names; unsafe characters are replaced
+    assert sweep.readable({"model.dtype": "a/b", "model.param_dtype": "x"}) == \
+        "dtype=a-b_param_dtype=x"
+    assert sweep.readable({"optimizer.lr": "1", "train.lr": "2"}) == \
+        "optimizer.lr=1_train.lr=2"
+    bad = sweep.plan("tiny", [], [studies.parse_axis("optimizer.name=bogus")])
+    assert len(bad) == 1 and bad[0].name.startswith("name=bogus-")
+
+
+def test_ray_resources_and_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    assert sweep.ray_options(["TPU=4,CPU=2", "memory=1e9"]) == {
+        "num_cpus": 2.0, "memory": 1e9, "resources": {"TPU": 4.0}}
+    assert sweep.ray_options([]) == {"num_cpus": 1}
+    for args, msg in [
+        (["tiny_ladr"], "did you mean 'tiny_ladder'"),
+        (["--config", "tiny", "--workdir", str(tmp_path / "s"), "--grid", "optimizer.lr"],
+         "expected KEY=V1,V2"),
+        (["--config", "tiny", "--workdir", str(tmp_path / "s"), "optimizer.lrr=1"],
+         "did you mean 'optimizer.lr'"),
+        (["--config", "tiny", "--workdir", str(tmp_path / "s"), "--ray", "auto",
+          "--resources", "TPU"], "expected NAME=AMOUNT"),
+        (["--config", "tiny", "--workdir", str(tmp_path / "s"), "--workers", "0"], ">= 1"),
+        (["--config", "tiny"], "--config and --workdir are required"),
+        (["--config", "tiny", "--workdir", str(tmp_path)], "not a sweep directory"),
+    ]:
+        (tmp_path / "other").write_text("x")
+        assert sweep.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and msg in err and "\n" not in err, (args, err)
+    assert not (tmp_path / "s").exists()
+
+
+# ---------------------------------------------------------------------------
+# running (subprocesses training tiny models)
+
+
+def test_dry_run_prints_one_runnable_command_per_member(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["--config", "tiny", "--workdir", str(out), "--grid", "optimizer.lr=0.01,0.02",
+            "--grid", "optimizer.name=adamw,muon", *TINY]
+    res = _sweep(*args, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    commands = res.stdout.strip().splitlines()
+    assert len(commands) == 4 and not out.exists()  # nothing written
+    members = sweep.plan("tiny", TINY, [studies.parse_axis(a) for a in args[5:8:2]])
+    assert [shlex.split(c)[6] for c in commands] == [str(out / m.name) for m in members]
+    env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + ENV["PATH"]}
+    run = subprocess.run(commands[-1], shell=True, cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    row = sweeps.run_summary(out / members[-1].name)
+    assert row["steps"] == 5 and row["optimizer"] == "muon" and row["lr"] == 0.02
+
+
+@pytest.fixture
+def ray_cluster():
+    """A real local Ray instance on the loopback address, stopped (only it) afterwards."""
+    pytest.importorskip("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    ray = shutil.which("ray", path=os.path.dirname(sys.executable))
+    head = subprocess.Popen(  # --block: the head lives as long as this process
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}",
+         "--disable-usage-stats"], env={**ENV, "RAY_ADDRESS": ""}, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert head.poll() is None, "ray start exited"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_failures_are_isolated_and_ray_gives_the_local_table(tmp_path, ray_cluster):
+    """A bad member fails (retried once) while the others finish, the exit status says
+    so; the same sweep through a local Ray instance writes the same table."""
+    grid = ["--grid", "optimizer.name=muon,bogus", "--grid", "optimizer.lr=0.01,0.03", *TINY,
+            "model.num_hidden_layers=1", "model.first_k_dense_replace=0"]
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    res = _sweep("--config", "tiny", "--workdir", str(local), "--workers", "2", *grid)
+    assert res.returncode == 1, res.stderr
+    assert res.stdout.strip().splitlines()[-1].startswith("sweep: 4 members, 2 ok, 2 failed")
+    table = _table(local)
+    assert len(table) == 4
+    for name, row in table.items():
+        if "bogus" in name:
+            assert row["status"] == "failed" and row["attempts"] == "2"
+            assert row["error"] == ("exit 2: optimizer.name='bogus': must be one of "
+                                    "'adamw', 'muon'")
+            assert not (local / name).exists() and row["final_train_loss"] == ""
+        else:
+            assert row["status"] == "ok" and row["attempts"] == "1" and row["error"] == ""
+            assert row["steps"] == "5" and float(row["final_train_loss"]) > 0
+    res = _sweep("--config", "tiny", "--workdir", str(remote), "--ray", ray_cluster,
+                 "--resources", "CPU=1", *grid)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert _table(remote) == table
+
+
+def test_study_runs_resumes_and_feeds_the_notebook(tmp_path):
+    """The tiny_ladder study's quick form: 8 members, a report; a re-run runs nothing;
+    notebooks/sweep_analysis.ipynb executes on it."""
+    out = tmp_path / "ladder"
+    res = _sweep("tiny_ladder", "--quick", "--workdir", str(out), "--workers", "2")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    df = sweeps.load(out)
+    assert len(df) == 8 and (df["status"] == "ok").all()
+    assert set(df["optimizer"]) == {"adamw", "muonclip"} and set(df["seed"]) == {0}
+    assert set(df["model.hidden_size"]) == {32, 64} and set(df["optimizer.lr"]) == {0.01, 0.03}
+    assert (df["tokens"] == 6 * 8 * 32).all() and (df["flops"] > 0).all()
+    assert df["diverged"].dtype == bool and (out / "report.md").is_file()
+    logs = sorted(os.listdir(out / "logs"))
+    mtimes = {m: os.path.getmtime(out / m / "metrics.jsonl") for m in df["member"]}
+    again = _sweep("tiny_ladder", "--quick", "--workdir", str(out), "--workers", "2")
+    assert again.returncode == 0, again.stderr
+    assert "8 finished before, running 0" in again.stdout
+    assert sorted(os.listdir(out / "logs")) == logs
+    assert {m: os.path.getmtime(out / m / "metrics.jsonl") for m in df["member"]} == mtimes
+    _execute_notebook(out)
+
+
+def _execute_notebook(sweep_dir):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "sweep_analysis.ipynb"), as_version=4)
+    os.environ["K2JAX_SWEEP"] = str(sweep_dir)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": ROOT}}).execute()
+    finally:
+        del os.environ["K2JAX_SWEEP"]
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 3
+
+
+def test_a_retry_resumes_from_a_checkpoint_or_keeps_the_failed_attempt(tmp_path):
+    run = tmp_path / "m"
+    assert sweep._prepare(str(run)) is False and not run.exists()
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert sweep._prepare(str(run)) is False  # no checkpoint: moved aside, kept
+    assert not run.exists() and (tmp_path / "m.failed-1" / "config.json").is_file()
+    (run / "checkpoints" / "3").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert sweep._prepare(str(run)) is True and (run / "config.json").is_file()
+    (run / "checkpoints" / "3").rmdir()
+    assert sweep._prepare(str(run)) is False and (tmp_path / "m.failed-2").is_dir()
+
+
+def test_a_divergence_stop_is_retried_from_its_checkpoint_and_recorded(tmp_path):
+    """lr 1e30 blows the weights up at step 2; the step-1 checkpoint survives, the retry
+    resumes from it (and diverges again): one failed member, two attempts, both logged."""
+    member = sweep.Member("m-0", {}, ("optimizer.lr=1e30", "optimizer.warmup_steps=0",
+                                       "optimizer.schedule=constant",
+                                       "train.max_nonfinite_steps=1", "train.checkpoint_every=1",
+                                       "model.num_hidden_layers=1",
+                                       "model.first_k_dense_replace=0", *TINY[:2]))
+    job = sweep.Job(member, "tiny", str(tmp_path), ROOT)
+    old = dict(os.environ)
+    os.environ.update({"XLA_FLAGS": "", "PYTHONPATH": ROOT})
+    try:
+        status = sweep.execute(job)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    assert status["status"] == "failed" and status["attempts"] == 2, status
+    assert "non-finite steps in a row" in status["error"]
+    first, second = (open(tmp_path / "logs" / f"m-0.{k}.log").readline() for k in (1, 2))
+    assert "--resume" not in first and "--resume" in second
+    assert sweep.read_status(job) == status
+    row = sweeps.run_summary(tmp_path / "m-0")
+    assert row["diverged"] and row["steps"] >= 2
