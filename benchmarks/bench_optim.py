@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_optim [--preset small] [--iters 20]
 
-1. Newton–Schulz (5 Jordan steps, float32) on the same shapes: ``optim.newton_schulz``
+1. Newton–Schulz (5 Jordan steps, float32) on the same shapes: ``optim.polar_factor``
    vs ``optax.contrib``'s ``orthogonalize_via_newton_schulz``.
 2. One jitted optimizer update + apply on the preset's full parameter tree with random
    gradients: optax.contrib.muon (same Muon/AdamW split, same matrix views, Moonlight
@@ -49,7 +49,7 @@ def bench_ns(iters: int):
     coeffs = jnp.asarray(JORDAN)
     for shape in [(256, 1024), (1024, 256), (768, 768), (16, 128, 512)]:
         x = jax.random.normal(jax.random.key(0), shape)
-        ours = jax.jit(lambda x: optim.newton_schulz(x))
+        ours = jax.jit(lambda x: optim.polar_factor(x))
         if len(shape) == 2:
             theirs = jax.jit(lambda x: optax_ns(x, coeffs, 5))
         else:
@@ -75,7 +75,7 @@ def bench_step(preset: str, iters: int):
     p = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape), p)
     s = jnp.full((cfg.num_hidden_layers, cfg.num_attention_heads), 150.0)
-    part = optimizer.partition(cfg)
+    part = optimizer.partition()
     txs = {
         "optax.contrib.muon": optax_contrib_muon(1e-3, part, p),
         "adamw": optim.adamw(1e-3),

@@ -1,12 +1,11 @@
 """Typed, frozen, validated configs, and their dict / JSON form.
 
-Field names follow Hugging Face's ``DeepseekV3Config`` wherever one exists, so a
-published ``config.json`` maps onto :class:`ModelConfig` key for key
-(``k2jax.hf.config_from_hf``). Every config validates itself on construction, and
-every error names the offending field, so a bad sweep fails before any compute.
-Named model shapes live in ``k2jax/presets.py``, dotted ``key=value`` overrides in
-``k2jax/overrides.py``. This module is the root of the import graph: it imports
-nothing from the project.
+Field names follow Hugging Face's ``DeepseekV3Config`` wherever one exists, so a published
+``config.json`` maps onto :class:`ModelConfig` key for key (``k2jax.hf.config_from_hf``).
+Every config validates itself on construction, and every error names the offending field,
+so a bad sweep fails before any compute. Named model shapes live in ``k2jax/presets.py``,
+dotted ``key=value`` overrides in ``k2jax/overrides.py``. This module is the root of the
+import graph: it imports nothing from the project.
 """
 
 from __future__ import annotations
@@ -25,19 +24,14 @@ class ConfigError(ValueError):
     """A config field has a bad name or value; the message names the field."""
 
 
-# ---------------------------------------------------------------------------
-# dataclasses
-
-
 @dataclasses.dataclass(frozen=True)
 class YarnConfig:
     """YaRN context extension (Peng et al. 2023, arXiv 2309.00071), as DeepSeek-V3 uses it.
 
-    ``factor`` is the context-extension ratio s; ``beta_fast`` / ``beta_slow``
-    bound the interpolation ramp in rotations-per-original-context; ``mscale``
-    and ``mscale_all_dim`` set the attention temperature 0.1·m·ln(s) + 1. As in
-    transformers, 0 means "not given": with ``mscale_all_dim`` unset the softmax
-    scale is plain and cos/sin carry the temperature instead (see model/rope.py).
+    ``factor`` is the context-extension ratio s; ``beta_fast`` / ``beta_slow`` bound the
+    interpolation ramp in rotations-per-original-context; ``mscale`` / ``mscale_all_dim`` set
+    the attention temperature 0.1·m·ln(s) + 1. As in transformers, 0 means "not given": with
+    ``mscale_all_dim`` unset the softmax scale is plain and cos/sin carry it (model/rope.py).
     """
 
     factor: float = 1.0
@@ -113,8 +107,7 @@ class ModelConfig:
                "first_k_dense_replace", self.first_k_dense_replace,
                f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
         _check(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
-               self.num_experts_per_tok,
-               f"must be <= n_routed_experts={self.n_routed_experts}")
+               self.num_experts_per_tok, f"must be <= n_routed_experts={self.n_routed_experts}")
         _check(self.n_routed_experts % self.n_group == 0, "n_group", self.n_group,
                f"must divide n_routed_experts={self.n_routed_experts}")
         _check(self.topk_group <= self.n_group, "topk_group", self.topk_group,
@@ -188,29 +181,37 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """optim.build arguments (optim/factory.py) plus the learning-rate schedule.
-
-    ``name`` picks the update rule, ``qk_clip`` whether QK-Clip follows it: MuonClip
-    (Kimi K2) is ``name=muon qk_clip=true``, the AdamW ablation ``name=adamw
-    qk_clip=true``. Two switches, so a 2x2 sweep is a grid over both.
+    """optim.build arguments (optim/factory.py) and the lr schedule; the README's optimizer
+    table gives each key's meaning and source. ``name`` picks the update rule, ``qk_clip``
+    whether QK-Clip follows it (MuonClip: ``name=muon qk_clip=true``), so a 2x2 sweep is a
+    grid over both. ``nesterov`` follows Moonlight's code (Kimi K2's Algorithm 1 as written
+    has none). The model has no bias parameters (the router's selection bias is not one).
     """
 
     name: Literal["adamw", "muon"] = "muon"
     lr: float = 3e-3
     weight_decay: float = 0.1
+    decay_norms: bool = True  # weight decay on RMSNorm scales
+    decay_embeddings: bool = True  # weight decay on the embedding and LM head
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
     momentum: float = 0.95
     nesterov: bool = True
+    mu_dtype: Literal["float32", "bfloat16"] = "float32"  # Muon momentum, Adam first moment
     ns_steps: int = 5
     ns_coeffs: Literal["jordan", "polar_express"] = "jordan"
     ns_dtype: Literal["float32", "bfloat16"] = "float32"
-    rms_scale: float = 0.2
-    adam_lr: float | None = None  # AdamW group under Muon; None = lr
+    update_scale: Literal["k2", "jordan", "spectral"] = "k2"  # rules: optim/muon.py
+    rms_scale: float = 0.2  # update_scale=k2: the Muon update's RMS
+    muon_router: bool = False  # Muon instead of AdamW for the MoE router,
+    muon_embeddings: bool = False  # the embedding,
+    muon_lm_head: bool = False  # the LM head (Kimi K2 / Moonlight: AdamW for all three)
+    adam_lr_ratio: float = 1.0  # name=muon: the AdamW group's peak lr = this x lr
     adam_weight_decay: float | None = None  # None = weight_decay
     qk_clip: bool = False  # rescale q/k weights of heads whose max logit passed tau
     tau: float = 100.0
+    qk_clip_alpha: float = 0.5  # query side x gamma^alpha, key side x gamma^(1-alpha)
     monitor_only: bool = False  # QK-Clip records statistics but never rescales
     schedule: Literal["constant", "cosine", "wsd"] = "cosine"
     warmup_steps: int = 100
@@ -219,13 +220,10 @@ class OptimizerConfig:
     grad_clip_norm: float | None = None  # global-norm clipping before the optimizer
 
     def __post_init__(self):
-        _check_fields(self, "optimizer.", positive=("lr", "ns_steps", "tau", "grad_clip_norm"),
-                      non_negative=("weight_decay", "warmup_steps"))
-        _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "must be in [0, 1)")
-        _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optimizer.b1", self.b1,
-               "b1 and b2 must be in [0, 1)")
-        _check(0 <= self.final_lr_ratio <= 1, "optimizer.final_lr_ratio", self.final_lr_ratio,
-               "must be in [0, 1]")
+        _check_fields(self, "optimizer.", positive=(
+            "lr", "ns_steps", "tau", "grad_clip_norm", "rms_scale", "adam_lr_ratio"),
+            non_negative=("weight_decay", "adam_weight_decay", "warmup_steps"),
+            below_one=("momentum", "b1", "b2"), unit=("final_lr_ratio", "qk_clip_alpha"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +288,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------
-# validation
+# validation, dicts and JSON files
 
 
 def _check(ok: bool, field: str, value: Any, why: str) -> None:
@@ -310,12 +308,13 @@ RENAMED = {
     # configs written before the split: null meant "on for muonclip only", so off here
     ("optimizer.qk_clip", None): "optimizer.qk_clip=false",
 }
+# Keys that are gone: (the old value, still read as today's default; what to use instead).
+RETIRED = {"optimizer.adam_lr": (None, "optimizer.adam_lr_ratio (= AdamW-group lr / optimizer.lr)")}
 
 
-def _check_fields(cfg, prefix: str, positive=(), non_negative=()) -> None:
-    """The checks every config shares: a Literal field holds one of its choices (an old
-    spelling is named with its new one), a bool is a bool, the ``positive`` fields are
-    > 0 and the ``non_negative`` ones >= 0 (None passes where the field allows it)."""
+def _check_fields(cfg, prefix: str, positive=(), non_negative=(), below_one=(), unit=()) -> None:
+    """The checks every config shares: a Literal holds one of its choices (an old spelling
+    names the new one), a bool is a bool, named fields lie in range (None passes if allowed)."""
     for name, tp in field_types(type(cfg)).items():
         key, value = prefix + name, getattr(cfg, name)
         inner, optional = unwrap_optional(tp)
@@ -338,7 +337,9 @@ def _check_fields(cfg, prefix: str, positive=(), non_negative=()) -> None:
             _check(isinstance(value, tuple) and all(isinstance(v, str) for v in value), key,
                    value, "must be a list of strings")
     for names, ok, why in ((positive, lambda v: v > 0, "must be positive"),
-                           (non_negative, lambda v: v >= 0, "must be >= 0")):
+                           (non_negative, lambda v: v >= 0, "must be >= 0"),
+                           (below_one, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                           (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]")):
         for name in names:
             value = getattr(cfg, name)
             _check(value is None or ok(value), prefix + name, value, why)
@@ -357,11 +358,9 @@ def unwrap_optional(tp):
     return tp, False
 
 
-# ---------------------------------------------------------------------------
-# dicts and JSON files
-
-
 def unknown_key(cls, key: str, prefix: str) -> ConfigError:
+    if prefix + key in RETIRED:
+        return ConfigError(f"config key '{prefix}{key}' is gone: use {RETIRED[prefix + key][1]}")
     hint = suggest(key, (f.name for f in dataclasses.fields(cls)), prefix)
     return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
 
@@ -372,6 +371,8 @@ def from_dict(cls, values: dict, prefix: str = ""):
     kwargs = {}
     for key, value in values.items():
         if key not in types_:
+            if prefix + key in RETIRED and value == RETIRED[prefix + key][0]:
+                continue  # an old config.json's default: what today's default means
             raise unknown_key(cls, key, prefix)
         inner, _ = unwrap_optional(types_[key])
         if dataclasses.is_dataclass(inner) and isinstance(value, dict):

@@ -1,14 +1,16 @@
 """How the optimizer sees the model: the Muon partition, the QK-Clip layout, the lr schedule.
 
 ``optim/`` is model-agnostic and ``k2jax/model`` knows nothing of optimizers;
-this module joins them. Both views are derived from parameter paths
+this module joins them. The views are derived from parameter paths
 (``layers.3.attn.q_b``) in exactly one place each and checked over the whole
-tree by the tests: an expert stack is E matrices to Muon, and QK-Clip finds
+tree by the tests: which leaves Muon owns and which decay (both from the path
+patterns below: an expert stack is E matrices to Muon), and where QK-Clip finds
 each head's query/key slices by layer, head axis and column range.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import jax
@@ -16,17 +18,20 @@ import jax.numpy as jnp
 import optax
 
 import optim
-from k2jax.config import Config, ModelConfig
+from k2jax.config import Config, ModelConfig, OptimizerConfig
 from optim.partition import ADAMW, MatrixDims, Partition
+from optim.paths import path_str
 from optim.qk_clip import ClipTarget, QKLayout
 
-# Which parameters Muon owns and how each is a batch of matrices (Kimi K2 §2.1 /
-# Moonlight §2: Muon for hidden matrices; AdamW for embeddings, head, norms, router).
-# Every model leaf must match a rule; an unmatched one is an error.
-MUON_RULES = Partition(rules=(
-    (r"embed|lm_head", ADAMW),
-    (r".*\.moe\.router", ADAMW),
-    (r".*norm\.scale", ADAMW),
+# The leaves that are not hidden matrices, by path: the embedding [V, D], the LM head
+# [D, V], each MoE router [D, E] and every RMSNorm scale. The model has no biases (the
+# router's selection bias is not a parameter).
+EMBED, LM_HEAD, ROUTER, NORM = r"embed", r"lm_head", r".*\.moe\.router", r".*norm\.scale"
+
+# How each hidden matrix is a batch of matrices to Muon (Kimi K2 §2.1 / Moonlight §2:
+# Muon for hidden matrices). Every model leaf must match a rule; an unmatched one is an
+# error.
+MATRIX_RULES = (
     # routed experts [E, in, out]: E separate matrices
     (r".*\.moe\.(w_gate|w_up|w_down)", MatrixDims(fan_in=(1,), fan_out=(2,), batch=(0,))),
     # per-head projections [in, heads, head_dim]: one in x (heads*head_dim) matrix
@@ -35,22 +40,44 @@ MUON_RULES = Partition(rules=(
     (r".*\.attn\.o", MatrixDims(fan_in=(0, 1), fan_out=(2,))),
     (r".*\.attn\.(q_a|kv_a)", MatrixDims()),
     (r".*\.(mlp|shared)\.(gate|up|down)", MatrixDims()),
-))
+)
 
 
-def partition(cfg: ModelConfig | None = None) -> Partition:
-    """The Muon / AdamW partition of the model's parameters (config-independent today)."""
-    del cfg
-    return MUON_RULES
+def partition(cfg: OptimizerConfig | None = None) -> Partition:
+    """The Muon / AdamW partition: hidden matrices to Muon, norms to AdamW, and the router,
+    embedding and LM head to AdamW (Kimi K2, Moonlight) unless ``optimizer.muon_router``,
+    ``muon_embeddings`` or ``muon_lm_head`` gives them to Muon, each as one fan_in x
+    fan_out matrix (the embedding's fan-in is the one-hot vocabulary)."""
+    o = cfg or OptimizerConfig()
+    chosen = ((EMBED, o.muon_embeddings), (LM_HEAD, o.muon_lm_head), (ROUTER, o.muon_router))
+    rules = tuple((pattern, MatrixDims() if muon else ADAMW) for pattern, muon in chosen)
+    return Partition(rules=(*rules, (NORM, ADAMW), *MATRIX_RULES))
 
 
-def qk_layout(cfg: ModelConfig) -> QKLayout:
-    """Where QK-Clip finds each layer's per-head query/key slices (see optim.qk_clip).
+def decay_mask(cfg: OptimizerConfig) -> Callable | None:
+    """params -> bool tree of the leaves that take weight decay (in either group), or None
+    when every leaf does (the default: an unmasked add_decayed_weights, state unchanged).
+    ``optimizer.decay_norms=false`` spares the RMSNorm scales, ``decay_embeddings=false``
+    the embedding and LM head."""
+    spared = (([] if cfg.decay_norms else [NORM])
+              + ([] if cfg.decay_embeddings else [EMBED, LM_HEAD]))
+    if not spared:
+        return None
+    return lambda tree: jax.tree_util.tree_map_with_path(
+        lambda kp, _: not any(re.fullmatch(p, path_str(kp)) for p in spared), tree)
 
-    MLA: q_b (or q_proj) [.., H, nope+rope]: no-RoPE part ×√γ, RoPE part ×γ;
-    kv_b [.., H, nope+v]: no-RoPE key part ×√γ, values untouched; the shared RoPE
-    key in kv_a untouched. MHA: q_proj and k_proj ×√γ. GQA: q_proj ×γ, keys untouched.
+
+def qk_layout(cfg: ModelConfig, alpha: float = 0.5) -> QKLayout:
+    """Where QK-Clip finds each layer's per-head query/key slices (see optim.qk_clip), with
+    the split ``alpha`` (``optimizer.qk_clip_alpha``) of γ between query and key.
+
+    MLA: q_b (or q_proj) [.., H, nope+rope]: no-RoPE part ×γ^α, RoPE part ×γ;
+    kv_b [.., H, nope+v]: no-RoPE key part ×γ^(1−α), values untouched; the shared RoPE
+    key in kv_a untouched. MHA: q_proj ×γ^α, k_proj ×γ^(1−α). GQA: q_proj ×γ, keys
+    untouched. Every head's logit q·k scales by exactly γ.
     """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"qk_layout: alpha={alpha} must be in [0, 1]")
     if cfg.qk_norm:
         raise ValueError("qk_layout: qk_norm=True normalises q and k, so scaling their "
                          "weights cannot clip logits; use QK-Clip or qk_norm, not both")
@@ -61,12 +88,12 @@ def qk_layout(cfg: ModelConfig) -> QKLayout:
             nope, rdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
             q_name = "q_b" if cfg.q_lora_rank else "q_proj"
             targets.append(ClipTarget(pre + q_name, layer, 1,
-                                      ((0, nope, 0.5), (nope, nope + rdim, 1.0))))
-            targets.append(ClipTarget(pre + "kv_b", layer, 1, ((0, nope, 0.5),)))
+                                      ((0, nope, alpha), (nope, nope + rdim, 1.0))))
+            targets.append(ClipTarget(pre + "kv_b", layer, 1, ((0, nope, 1 - alpha),)))
         elif cfg.kv_heads == cfg.num_attention_heads:
             hd = cfg.mha_head_dim
-            targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, hd, 0.5),)))
-            targets.append(ClipTarget(pre + "k_proj", layer, 1, ((0, hd, 0.5),)))
+            targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, hd, alpha),)))
+            targets.append(ClipTarget(pre + "k_proj", layer, 1, ((0, hd, 1 - alpha),)))
         else:
             targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, cfg.mha_head_dim, 1.0),)))
     return QKLayout(cfg.num_hidden_layers, cfg.num_attention_heads, tuple(targets))
@@ -81,10 +108,20 @@ def learning_rate(cfg: Config, peak=None) -> Callable:
 
 
 def hyperparams(cfg: Config) -> dict[str, jax.Array]:
-    """The injected hyperparameters of :func:`build_optimizer`'s state, from the config."""
+    """The injected hyperparameters of :func:`build_optimizer`'s state, from the config:
+    the peak lr, and the AdamW group's (``adam_lr_ratio`` x lr under Muon; lr under AdamW,
+    where every leaf is in that group)."""
     o = cfg.optimizer
-    return {"lr": jnp.float32(o.lr), "adam_lr": jnp.float32(o.lr if o.adam_lr is None
-                                                            else o.adam_lr)}
+    ratio = o.adam_lr_ratio if o.name == "muon" else 1.0
+    return {"lr": jnp.float32(o.lr), "adam_lr": jnp.float32(o.lr * ratio)}
+
+
+def applied_lr(cfg: Config, opt_state) -> jax.Array:
+    """The lr that ``opt_state``'s next update applies: the schedule at the optimizer's own
+    update count. The non-finite guard (k2jax.train.guarded_update) keeps the old optimizer
+    state on a skipped step, so this count, unlike ``TrainState.step``, counts only the
+    updates that were applied."""
+    return learning_rate(cfg, opt_state.hyperparams["lr"])(opt_state.count)
 
 
 def build_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
@@ -103,10 +140,11 @@ def build_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
             o.name, learning_rate(cfg, lr),
             weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, momentum=o.momentum,
             nesterov=o.nesterov, ns_steps=o.ns_steps, ns_coeffs=o.ns_coeffs,
-            ns_dtype=jnp.dtype(o.ns_dtype), rms_scale=o.rms_scale, partition=partition(m),
-            adam_learning_rate=learning_rate(cfg, adam_lr),
-            adam_weight_decay=o.adam_weight_decay,
-            qk_layout=qk_layout(m) if o.qk_clip else None, tau=o.tau,
+            ns_dtype=jnp.dtype(o.ns_dtype), update_scale=o.update_scale, rms_scale=o.rms_scale,
+            partition=partition(o), adam_learning_rate=learning_rate(cfg, adam_lr),
+            adam_weight_decay=o.adam_weight_decay, decay_mask=decay_mask(o),
+            mu_dtype=jnp.dtype(o.mu_dtype),
+            qk_layout=qk_layout(m, o.qk_clip_alpha) if o.qk_clip else None, tau=o.tau,
             monitor_only=o.monitor_only)
         if o.grad_clip_norm:
             tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)

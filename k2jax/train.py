@@ -186,11 +186,10 @@ def step_metrics(state: TrainState, stats, updates, opt_state, ok, grad_norm,
                  cfg: Config) -> dict[str, jax.Array]:
     """The step's device metrics; the host loop (k2jax/loop.py) names them per layer."""
     load_LE = stats["load"]
-    labels = optimizer_lib.partition(cfg.model).labels(state.params)
+    labels = optimizer_lib.partition(cfg.optimizer).labels(state.params)
     metrics = {
         "train/loss": stats["loss"], "train/ce": stats["ce"], "train/z_loss": stats["z"],
-        "train/lr": optimizer_lib.learning_rate(cfg, state.opt_state.hyperparams["lr"])(
-            state.step),
+        "train/lr": optimizer_lib.applied_lr(cfg, state.opt_state),  # skips do not advance it
         "train/grad_norm": grad_norm, "train/nonfinite": 1 - ok.astype(jnp.int32),
         "attn/max_logits": stats["max_logits"],
         "moe/load_imbalance": load_LE.max(-1) / jnp.maximum(load_LE.mean(-1), 1e-9),

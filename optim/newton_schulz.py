@@ -59,15 +59,16 @@ def coefficients(coeffs: str | Coeffs, steps: int) -> tuple[Coeffs, float]:
     return table, 1.0
 
 
-def newton_schulz(x, *, steps: int = 5, coeffs: str | Coeffs = "jordan", eps: float = 1e-7,
-                  dtype=jnp.float32):
-    """Orthogonalise the last two axes of ``x`` [..., m, n]; leading axes are a batch.
+def polar_factor(x, *, steps: int = 5, coeffs: str | Coeffs = "jordan", eps: float = 1e-7,
+                 dtype=jnp.float32):
+    """The Newton–Schulz approximation of the polar factor of the last two axes of ``x``
+    [..., m, n]; leading axes are a batch.
 
     ``dtype`` is the compute dtype (bfloat16 is ~2x cheaper on accelerators and
     what Jordan and Moonlight use); the result has ``x``'s dtype.
     """
     if x.ndim < 2:
-        raise ValueError(f"newton_schulz: need a matrix, got shape {x.shape}")
+        raise ValueError(f"polar_factor: need a matrix, got shape {x.shape}")
     table, safety = coefficients(coeffs, steps)
     tall = x.shape[-2] > x.shape[-1]
     X = jnp.swapaxes(x, -1, -2) if tall else x

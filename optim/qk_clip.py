@@ -4,9 +4,11 @@ The forward pass records S_h, head h's max pre-softmax logit over the batch.
 After the optimizer step, each head with S_h > τ is rescaled with γ_h = τ / S_h
 so that, on the same batch, its max logit becomes τ:
 
-- MHA: W_q^h and W_k^h × √γ (the logit is bilinear in them).
-- MLA: the head's no-RoPE query and key slices × √γ, its RoPE query slice × γ,
-  the RoPE key, shared by all heads, untouched.
+- MHA: W_q^h × γ^α and W_k^h × γ^(1−α) (the logit is bilinear in them, so it
+  scales by γ for any split α; K2 uses α = 1/2, √γ each side, and so does
+  Megatron-LM's ``qk_clip_alpha = 0.5``, megatron/core/transformer/transformer_config.py).
+- MLA: the head's no-RoPE query slice × γ^α and no-RoPE key slice × γ^(1−α), its
+  RoPE query slice × γ, the RoPE key, shared by all heads, untouched.
 - GQA (our rule): a key head is shared by a group of query heads, so, as with
   MLA's shared RoPE key, the key is left alone and the whole γ goes on W_q^h.
   Each head's logits then scale by exactly its own γ_h and heads at or below τ
@@ -104,13 +106,13 @@ def clip_params(params, attn_max_logits, layout: QKLayout, tau: float):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def qk_clip(layout: QKLayout, tau: float = 100.0, *,
-            monitor_only: bool = False) -> optax.GradientTransformationExtraArgs:
+def clip_qk_logits(layout: QKLayout, tau: float = 100.0, *,
+                   monitor_only: bool = False) -> optax.GradientTransformationExtraArgs:
     """The clip as the last link of an optax chain: rewrites the updates u so that
     params + u' = clip(params + u). ``update`` needs ``params`` and the extra arg
     ``attn_max_logits`` [num_layers, num_heads]. ``monitor_only`` records, never clips."""
     if tau <= 0:
-        raise ValueError(f"qk_clip: tau={tau} must be positive")
+        raise ValueError(f"clip_qk_logits: tau={tau} must be positive")
     targets = layout.by_path()
     shape = (layout.num_layers, layout.num_heads)
 

@@ -123,3 +123,35 @@ def test_json_values_of_the_wrong_type_name_the_field(values, message):
 def test_json_types_are_strict_where_a_float_or_string_would_pass_silently(values, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.from_dict(Config, values)
+
+
+def test_retired_adam_lr_loads_at_its_old_default_and_names_its_successor(tmp_path):
+    """A config.json written before adam_lr became adam_lr_ratio holds "adam_lr": null,
+    which meant what ratio 1 means: it still loads. Any other value, in a file or an
+    override, is one error naming the new key."""
+    values = config.to_dict(Config())
+    values["optimizer"] = {k: v for k, v in values["optimizer"].items()
+                           if k != "adam_lr_ratio"} | {"adam_lr": None}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    assert config.from_file(path) == Config()
+    with pytest.raises(ConfigError, match=re.escape("'optimizer.adam_lr' is gone: use "
+                                                    "optimizer.adam_lr_ratio")):
+        config.from_dict(Config, {"optimizer": {"adam_lr": 0.01}})
+    with pytest.raises(ConfigError, match="optimizer.adam_lr_ratio"):
+        overrides.apply(Config(), ["optimizer.adam_lr=0.01"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("qk_clip_alpha=1.5", "optimizer.qk_clip_alpha=1.5: must be in [0, 1]"),
+    ("qk_clip_alpha=-0.1", "optimizer.qk_clip_alpha=-0.1: must be in [0, 1]"),
+    ("adam_lr_ratio=0", "optimizer.adam_lr_ratio=0.0: must be positive"),
+    ("rms_scale=-1", "optimizer.rms_scale=-1.0: must be positive"),
+    ("update_scale=muP", "optimizer.update_scale='muP': must be one of 'k2', 'jordan'"),
+    ("mu_dtype=float16", "optimizer.mu_dtype='float16': must be one of"),
+    ("decay_norms=maybe", "optimizer.decay_norms='maybe': expected bool"),
+    ("b2=1", "optimizer.b2=1.0: must be in [0, 1)"),
+])
+def test_optimizer_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        overrides.apply(Config(), [f"optimizer.{override}"])

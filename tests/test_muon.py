@@ -1,5 +1,8 @@
-"""Muon against a plain numpy K2 Algorithm 1, per-expert orthogonalisation, update RMS,
-the Partition rules, and our AdamW against optax's."""
+"""Muon against a plain numpy K2 Algorithm 1, per-expert orthogonalisation, the update RMS
+of each update-scale rule, Nesterov against its formula, the Partition rules, our AdamW
+against optax's, and the package's names."""
+
+import types
 
 import jax
 import jax.numpy as jnp
@@ -91,10 +94,10 @@ def test_expert_stack_is_orthogonalised_per_expert():
     x = jnp.asarray(rng.normal(size=(4, 16, 8)) * np.array([1, 10, 0.1, 3])[:, None, None],
                     jnp.float32)
     dims = MatrixDims(fan_in=(1,), fan_out=(2,), batch=(0,))
-    got = optim.orthogonalize(x, dims, rms_scale=None)
-    want = jnp.stack([optim.newton_schulz(x[e]) for e in range(4)])
+    got = optim.orthogonalize(x, dims, update_scale="jordan")
+    want = jnp.stack([optim.polar_factor(x[e]) for e in range(4)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    as_one = optim.newton_schulz(x.reshape(64, 8)).reshape(4, 16, 8)
+    as_one = optim.polar_factor(x.reshape(64, 8)).reshape(4, 16, 8)
     assert not np.allclose(got, as_one, atol=1e-2)
     for e in range(4):  # each expert's update is itself near-orthogonal, whatever its scale
         s = np.linalg.svd(np.asarray(got[e]), compute_uv=False)
@@ -127,3 +130,58 @@ def test_adamw_is_optax_adamw():
     u1, _ = ours.update(g, ours.init(p), p)
     u2, _ = ref.update(g, ref.init(p), p)
     np.testing.assert_allclose(u1["a"], u2["a"], rtol=1e-6)
+
+
+# Update RMS of each rule for an exactly semi-orthogonal fan_in x fan_out direction, whose
+# RMS is 1/sqrt(max(fan_in, fan_out)), written out per shape (not from optim.muon):
+# k2: 0.2 everywhere; jordan: 1/sqrt(fan_in); spectral: 1/sqrt(fan_in) when wide,
+# sqrt(fan_out)/fan_in when tall.
+RULE_RMS = {
+    ("k2", (96, 32)): 0.2, ("k2", (32, 96)): 0.2, ("k2", (64, 64)): 0.2,
+    ("jordan", (96, 32)): 1 / np.sqrt(96), ("jordan", (32, 96)): 1 / np.sqrt(32),
+    ("jordan", (64, 64)): 1 / 8,
+    ("spectral", (96, 32)): np.sqrt(32) / 96, ("spectral", (32, 96)): 1 / np.sqrt(32),
+    ("spectral", (64, 64)): 1 / 8,
+}
+
+
+@pytest.mark.parametrize("rule, shape", sorted(RULE_RMS))
+def test_update_scale_rules_give_their_update_rms(rule, shape):
+    """Polar Express with 10 steps is orthogonal to ~1e-7 on a Gaussian matrix, so the
+    update's RMS is the rule's stated value for tall, wide and square matrices."""
+    x = jnp.asarray(np.random.default_rng(4).normal(size=shape), jnp.float32)
+    o = optim.orthogonalize(x, MatrixDims(), steps=10, coeffs="polar_express",
+                            update_scale=rule)
+    assert float(jnp.sqrt(jnp.mean(o ** 2))) == pytest.approx(RULE_RMS[rule, shape], rel=1e-4)
+    with pytest.raises(ValueError, match="update_scale='moonlight'"):
+        optim.scale_by_muon(PART.dims, update_scale="moonlight")
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_nesterov_follows_its_formula(nesterov):
+    """Two steps of scale_by_muon against the longhand: M1 = G1, M2 = mu*M1 + G2, then
+    NS(mu*M2 + G2) with Nesterov (Moonlight's code) or NS(M2) without (K2 Algorithm 1),
+    times 0.2*sqrt(max(fan_in, fan_out)); the two directions differ."""
+    rng = np.random.default_rng(5)
+    g1, g2 = (rng.normal(size=(16, 24)).astype(np.float32) for _ in range(2))
+    mu = 0.9
+    tx = optim.scale_by_muon(PART.dims, momentum=mu, nesterov=nesterov)
+    p = {"w": jnp.zeros((16, 24), jnp.float32)}
+    _, state = tx.update({"w": jnp.asarray(g1)}, tx.init(p))
+    out, state = tx.update({"w": jnp.asarray(g2)}, state)
+    m2 = mu * g1 + g2
+    d = mu * m2 + g2 if nesterov else m2
+    want = np.asarray(optim.polar_factor(jnp.asarray(d))) * 0.2 * np.sqrt(24)
+    np.testing.assert_allclose(out["w"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.momentum["w"], m2, rtol=1e-6)
+    other = np.asarray(optim.polar_factor(jnp.asarray(m2 if nesterov else mu * m2 + g2)))
+    assert not np.allclose(want, other * 0.2 * np.sqrt(24), atol=1e-3)
+
+
+def test_submodules_and_renamed_functions_are_reachable():
+    """No function exported by ``optim`` hides a submodule of the same name."""
+    assert isinstance(optim.qk_clip, types.ModuleType)
+    assert isinstance(optim.newton_schulz, types.ModuleType)
+    assert callable(optim.qk_clip.find_state) and callable(optim.newton_schulz.coefficients)
+    assert optim.clip_qk_logits is optim.qk_clip.clip_qk_logits
+    assert optim.polar_factor is optim.newton_schulz.polar_factor

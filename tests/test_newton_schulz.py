@@ -2,8 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optim import newton_schulz
-from optim.newton_schulz import JORDAN, POLAR_EXPRESS, coefficients
+from optim.newton_schulz import JORDAN, POLAR_EXPRESS, coefficients, polar_factor
 
 RNG = np.random.default_rng(0)
 CASES = {
@@ -26,14 +25,14 @@ def _svals(x):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_singular_values_in_band(case, coeffs):
     lo, hi = BANDS[coeffs]
-    s = _svals(newton_schulz(jnp.asarray(CASES[case], jnp.float32), coeffs=coeffs))
+    s = _svals(polar_factor(jnp.asarray(CASES[case], jnp.float32), coeffs=coeffs))
     assert lo <= s.min() and s.max() <= hi, (s.min(), s.max())
 
 
 @pytest.mark.parametrize("coeffs", sorted(BANDS))
 def test_rank_deficient_keeps_null_space(coeffs):
     x = RNG.normal(size=(64, 8)) @ RNG.normal(size=(8, 48))  # rank 8
-    s = np.sort(_svals(newton_schulz(jnp.asarray(x, jnp.float32), coeffs=coeffs)))[::-1]
+    s = np.sort(_svals(polar_factor(jnp.asarray(x, jnp.float32), coeffs=coeffs)))[::-1]
     lo, hi = BANDS[coeffs]
     assert lo <= s[:8].min() and s[:8].max() <= hi
     assert s[8:].max() < 1e-3
@@ -43,7 +42,7 @@ def test_orthogonal_factor_direction():
     """The output approximates U Vᵀ: its singular vectors are the input's."""
     x = RNG.normal(size=(40, 24))
     u, _, vt = np.linalg.svd(x, full_matrices=False)
-    o = np.asarray(newton_schulz(jnp.asarray(x, jnp.float32), coeffs="polar_express", steps=8))
+    o = np.asarray(polar_factor(jnp.asarray(x, jnp.float32), coeffs="polar_express", steps=8))
     np.testing.assert_allclose(o, u @ vt, atol=0.02)
 
 
@@ -65,7 +64,7 @@ def test_equals_numpy_iteration(case, coeffs, steps):
     x = CASES[case]
     table, safety = coefficients(coeffs, steps)
     want = _numpy_ns(x, table, safety)
-    got = np.asarray(newton_schulz(jnp.asarray(x, jnp.float32), steps=steps, coeffs=coeffs))
+    got = np.asarray(polar_factor(jnp.asarray(x, jnp.float32), steps=steps, coeffs=coeffs))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
@@ -82,7 +81,7 @@ def test_presets_are_the_published_numbers():
 
 def test_bfloat16_compute():
     x = jnp.asarray(CASES["tall"], jnp.float32)
-    o = newton_schulz(x, dtype=jnp.bfloat16)
+    o = polar_factor(x, dtype=jnp.bfloat16)
     assert o.dtype == jnp.float32
     s = _svals(o)
     assert 0.6 <= s.min() and s.max() <= 1.25
@@ -90,8 +89,8 @@ def test_bfloat16_compute():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown coeffs"):
-        newton_schulz(jnp.ones((3, 3)), coeffs="nope")
+        polar_factor(jnp.ones((3, 3)), coeffs="nope")
     with pytest.raises(ValueError, match="need a matrix"):
-        newton_schulz(jnp.ones(3))
+        polar_factor(jnp.ones(3))
     with pytest.raises(ValueError, match="steps=0"):
-        newton_schulz(jnp.ones((3, 3)), steps=0)
+        polar_factor(jnp.ones((3, 3)), steps=0)

@@ -58,7 +58,7 @@ def test_clip_caps_max_logits_at_tau_and_leaves_other_heads(variant, kind):
     tau = float(jnp.median(s))
     assert bool((s > tau).any()) and bool((s <= tau).any())
     layout = qk_layout(cfg)
-    tx = optim.build(kind, 1e-2, weight_decay=0.0, partition=optimizer.partition(cfg),
+    tx = optim.build(kind, 1e-2, weight_decay=0.0, partition=optimizer.partition(),
                      qk_layout=layout, tau=tau)
     new_p, state = _zero_step(tx, p, s)
     np.testing.assert_allclose(max_logits(new_p, inputs_from=p), jnp.minimum(s, tau), rtol=2e-5)
@@ -88,7 +88,7 @@ def test_mla_rope_key_untouched_and_value_slices_untouched():
     s = max_logits(p)
     tau = float(s.min()) / 2  # every head clipped
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=tau, weight_decay=0.0,
-                        partition=optimizer.partition(cfg))
+                        partition=optimizer.partition())
     new_p, _ = _zero_step(tx, p, s)
     nope = cfg.qk_nope_head_dim
     for layer in range(cfg.num_hidden_layers):
@@ -106,7 +106,7 @@ def test_monitor_only_changes_nothing_but_records():
     cfg, p, max_logits = _setup("mla")
     s = max_logits(p)
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=float(jnp.median(s)),
-                        weight_decay=0.0, partition=optimizer.partition(cfg), monitor_only=True)
+                        weight_decay=0.0, partition=optimizer.partition(), monitor_only=True)
     new_p, state = _zero_step(tx, p, s)
     for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(p)):
         np.testing.assert_array_equal(a, b)
@@ -117,7 +117,7 @@ def test_monitor_only_equals_plain_muon_with_gradients():
     cfg, p, max_logits = _setup("mla")
     s = max_logits(p)
     grads = jax.tree.map(lambda x: jnp.cos(x * 7.0), p)
-    kw = dict(weight_decay=0.1, partition=optimizer.partition(cfg))
+    kw = dict(weight_decay=0.1, partition=optimizer.partition())
     u1, _ = (tx := optim.muon(1e-2, **kw)).update(grads, tx.init(p), p)
     tx2 = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=1.0, monitor_only=True, **kw)
     u2, _ = tx2.update(grads, tx2.init(p), p, attn_max_logits=s)
@@ -130,7 +130,7 @@ def test_non_finite_and_non_positive_logits_never_nan():
     s = max_logits(p)
     bad = s.at[0, 0].set(jnp.nan).at[0, 1].set(jnp.inf).at[1, 0].set(-5.0).at[1, 1].set(0.0)
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=0.5, weight_decay=0.0,
-                        partition=optimizer.partition(cfg))
+                        partition=optimizer.partition())
     new_p, state = _zero_step(tx, p, bad)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(new_p))
     clipped = np.asarray(find_state(state).clipped)
@@ -144,11 +144,11 @@ def test_layout_errors():
     with pytest.raises(ValueError, match="qk_norm"):
         qk_layout(overrides.apply(cfg, ["qk_norm=true"]))
     other = presets.preset("tiny", "num_hidden_layers=3")
-    tx = optim.muonclip(1e-2, qk_layout=qk_layout(other), partition=optimizer.partition(cfg))
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(other), partition=optimizer.partition())
     p = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     with pytest.raises(ValueError, match="layout paths not in the parameter tree"):
         tx.init(p)
-    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), partition=optimizer.partition(cfg))
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), partition=optimizer.partition())
     with pytest.raises(ValueError, match="attn_max_logits"):
         tx.update(p, tx.init(p), p)
 
@@ -161,7 +161,7 @@ def test_sharded_update_equals_unsharded():
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
     tokens = jax.random.randint(jax.random.key(0), (4, 16), 0, cfg.vocab_size)
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=2.0,
-                        partition=optimizer.partition(cfg))
+                        partition=optimizer.partition())
 
     def step(p, opt_state, tokens):
         def loss(p):
@@ -213,10 +213,12 @@ def test_clip_on_sharded_weights_gathers_nothing():
     assert not q_b.sharding.is_fully_replicated
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.25])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_one_layer_forward_max_logits_become_min_s_tau(variant):
+def test_one_layer_forward_max_logits_become_min_s_tau(variant, alpha):
     """The literal claim on a one-layer model, where nothing downstream of the clipped
-    attention feeds back: the plain forward's aux["attn_max_logits"] is min(S, τ)."""
+    attention feeds back: the plain forward's aux["attn_max_logits"] is min(S, τ), for
+    any split α of γ between query and key."""
     cfg = presets.preset(*VARIANTS[variant], "initializer_range=0.15", "num_hidden_layers=1")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
@@ -224,7 +226,50 @@ def test_one_layer_forward_max_logits_become_min_s_tau(variant):
     fwd = lambda p: nnx.merge(graphdef, p, rest)(tokens)[1]["attn_max_logits"]  # noqa: E731
     s = fwd(p)
     tau = float(jnp.median(s))
-    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), tau=tau, weight_decay=0.0,
-                        partition=optimizer.partition(cfg))
+    tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg, alpha), tau=tau, weight_decay=0.0,
+                        partition=optimizer.partition())
     new_p, _ = _zero_step(tx, p, s)
     np.testing.assert_allclose(fwd(new_p), jnp.minimum(s, tau), rtol=2e-5)
+
+
+def _head_logits(w, cfg, inputs):
+    """[H, N, N] logits q_h·k_h written out in numpy from the weights w (flat paths) of
+    layer 0, on fixed random inputs to the projections (the query and key latents, and
+    the shared RoPE key). RoPE rotates q and k by the same orthogonal map, so it is left
+    out: it changes no scale."""
+    a = {k.removeprefix("layers.0.attn."): np.asarray(v, np.float64) for k, v in w.items()}
+    if cfg.attention == "mha":
+        q, k = (np.einsum("nd,dhk->hnk", inputs["x"], a[n]) for n in ("q_proj", "k_proj"))
+        return q @ k.transpose(0, 2, 1)
+    nope = cfg.qk_nope_head_dim
+    q = np.einsum("nq,qhk->hnk", inputs["c_q"], a["q_b"])
+    k_nope = np.einsum("nc,chk->hnk", inputs["c_kv"], a["kv_b"][..., :nope])
+    return (q[..., :nope] @ k_nope.transpose(0, 2, 1)
+            + q[..., nope:] @ inputs["k_rope"].T[None])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+@pytest.mark.parametrize("variant", ["mla", "mha"])
+def test_alpha_splits_gamma_and_the_logit_scales_by_gamma(variant, alpha):
+    """Every head of layer 0 clipped: its query slice scales by γ^α and its key slice by
+    γ^(1−α), and its logits q·k (a numpy longhand) by exactly γ."""
+    cfg, p, max_logits = _setup(variant)
+    s = max_logits(p)
+    tau = float(s.min()) / 2
+    gamma = np.asarray(tau / s[0], np.float64)
+    new_p = optim.clip_params(p, s, qk_layout(cfg, alpha), tau)
+    old, new = (optim.paths.flatten(t) for t in (p, new_p))
+    q_name, k_name = ("q_proj", "k_proj") if variant == "mha" else ("q_b", "kv_b")
+    dq = cfg.mha_head_dim if variant == "mha" else cfg.qk_nope_head_dim
+    for name, power in ((q_name, alpha), (k_name, 1 - alpha)):
+        key = f"layers.0.attn.{name}"
+        np.testing.assert_allclose(new[key][..., :dq], old[key][..., :dq]
+                                   * (gamma ** power)[None, :, None], rtol=1e-5, atol=1e-8)
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.normal(size=(6, cfg.hidden_size)),
+              "c_q": rng.normal(size=(6, cfg.q_lora_rank)),
+              "c_kv": rng.normal(size=(6, cfg.kv_lora_rank)),
+              "k_rope": rng.normal(size=(6, cfg.qk_rope_head_dim))}
+    layer0 = lambda flat: {k: v for k, v in flat.items() if k.startswith("layers.0.attn.")}  # noqa: E731
+    before, after = _head_logits(layer0(old), cfg, inputs), _head_logits(layer0(new), cfg, inputs)
+    np.testing.assert_allclose(after, before * gamma[:, None, None], rtol=1e-5, atol=1e-9)

@@ -61,6 +61,26 @@ def test_nonfinite_gradients_are_skipped_and_counted():
         np.testing.assert_array_equal(x, y)
 
 
+def test_logged_lr_is_the_lr_applied_after_a_skipped_step():
+    """Step 1's gradients are NaN, so it is skipped and the optimizer's count stays at 1:
+    steps 2 and 3 apply (and log) the warm-up at 1 and 2, not at their step numbers."""
+    cfg = tiny("train.steps=8", "optimizer.warmup_steps=4")
+    mesh = loop.make_mesh(cfg)
+    tx = optimizer.build_optimizer(cfg)
+    state, shardings, graphdef = train.init_state(cfg, tx, mesh)
+    poison = lambda g, step: jax.tree.map(lambda x: jnp.where(step == 1, x * jnp.nan, x), g)  # noqa: E731
+    step = train.make_train_step(cfg, graphdef, tx, mesh, shardings, grad_hook=poison)
+    batch = train.global_batch({"inputs": np.zeros((8, 32), np.int32),
+                                "targets": np.ones((8, 32), np.int32)}, mesh)
+    logged = []
+    for _ in range(4):
+        state, m = step(state, batch)
+        logged.append((int(m["train/nonfinite"]), float(m["train/lr"])))
+    want = [0.01 * (k + 1) / 4 for k in (0, 1, 1, 2)]  # linear warm-up over 4 steps
+    assert [n for n, _ in logged] == [0, 1, 0, 0] and int(state.opt_state.count) == 3
+    assert [lr for _, lr in logged] == pytest.approx(want, rel=1e-6)
+
+
 def test_selection_biases_follow_layer_order():
     """Twelve layers (so "10" < "2" as strings): MoE layer i's bias moves by row i of the
     load, found by order, with the guard's ``ok`` respected."""
