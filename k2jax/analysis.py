@@ -1,7 +1,7 @@
 """Sweep analysis: seed statistics, best lr, LR sensitivity, loss-vs-compute fits, plots.
 
-One module so that the sweep notebook and the built-in studies (LR sensitivity,
-τ ablation, scaling ladder) compute each number the same way. Every result
+One module so that the sweep notebook and every study's report (experiments/sweeps/)
+compute each number the same way. Every result
 aggregates over seeds (DESIGN.md, "Sweeps"): a point is a seed mean with its spread
 (std, n, a t confidence interval), never one run, as modded-nanogpt judges records
 over several seeds. Inputs are :func:`k2jax.sweeps.load` frames: one row per
@@ -144,8 +144,9 @@ def at_best_lr(df: pd.DataFrame, metric: str = "final_eval_loss", by=("optimizer
 
 
 def _diverged(df: pd.DataFrame) -> pd.Series:
-    flag = df["diverged"] if "diverged" in df else pd.Series(False, index=df.index)
-    return flag.map(lambda v: v is True or str(v).lower() in ("true", "1", "1.0"))
+    if "diverged" not in df:
+        return pd.Series(False, index=df.index)
+    return df["diverged"].astype("boolean").fillna(False).astype(bool)
 
 
 def clamp_to_init(df: pd.DataFrame, metric: str,

@@ -28,7 +28,7 @@ from k2jax import atomic, metrics, params
 from k2jax.config import Config, from_file
 
 RESULTS = "results.csv"
-MEMBER_COLUMNS = ("member", "status", "error", "attempts")
+MEMBER_COLUMNS = ("member", "status", "error", "attempts", "overrides")
 CONFIG_COLUMNS = ("optimizer", "lr", "seed", "params_total", "params_active")
 METRIC_COLUMNS = (
     "steps", "initial_train_loss", "final_train_loss", "min_train_loss", "final_eval_loss",
@@ -115,6 +115,9 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     summary = curve_summary(rows, evals)
     out.update({k: summary[k] for k in METRIC_COLUMNS if k in summary})
     out["diverged"] = summary["diverged"] or stopped_nonfinite(rows, cfg.train.steps)
+    if out["diverged"] or not rows or rows[-1]["step"] < cfg.train.steps:
+        # no final loss: a last eval from before a divergence would rank the run as fine
+        out["final_train_loss"] = out["final_eval_loss"] = math.nan
     tokens = len(rows) * cfg.data.global_batch_size * cfg.data.seq_len
     out["tokens"] = tokens
     out["flops"] = tokens * metrics.flops_per_token(cfg.model, cfg.data.seq_len)
@@ -140,9 +143,11 @@ def _cell(v) -> str:
 
 
 def load(sweep_dir: str | os.PathLike):
-    """A sweep's ``results.csv`` as a pandas DataFrame, one row per member: numbers as
-    numbers, true/false as (nullable) bools, other text as strings, and an empty cell
-    (a member that never ran, a run without evaluation) as missing: NaN / NA / None."""
+    """A sweep's ``results.csv`` as a pandas DataFrame, one row per member: integers as
+    (nullable) Int64, other numbers as floats, true/false as (nullable) bools, other text
+    as strings, and an empty cell (a member that never ran, a run without evaluation) as
+    missing: NaN / NA / None. ``member``, ``status``, ``error`` (empty when none) and
+    ``overrides`` stay text."""
     path = os.path.join(sweep_dir, RESULTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist (is {sweep_dir} a sweep directory?)")
@@ -153,11 +158,13 @@ def load(sweep_dir: str | os.PathLike):
 
 
 def _typed(col):
-    if col.name in ("member", "status", "error"):
+    if col.name in ("member", "status", "error", "overrides"):
         return col
     given = col != ""
     if given.any() and col[given].isin(["true", "false"]).all():
         flags = col.map({"true": True, "false": False, "": None})
         return flags.astype(bool if given.all() else "boolean")
+    if given.any() and col[given].str.fullmatch(r"-?\d+").all():  # stay integers with gaps
+        return pd.to_numeric(col.where(given, None)).astype("Int64")
     numbers = pd.to_numeric(col.where(given, None), errors="coerce")
     return numbers if numbers[given].notna().all() else col.where(given, None)

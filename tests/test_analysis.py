@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from k2jax import analysis
+from k2jax import analysis, sweeps
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LRS = (1e-3, 3e-3, 1e-2)
 SIZES = {64: 1_000_000, 128: 3_500_000}  # model.hidden_size -> params_active
@@ -220,13 +222,13 @@ def test_sweep_analysis_notebook_executes(tmp_path):
     from nbclient import NotebookClient
 
     df = synthetic_sweep()
-    df["diverged"] = df["diverged"].map({True: "true", False: "false"})
-    df.to_csv(tmp_path / "results.csv", index=False, na_rep="")
-    nb = nbformat.read("notebooks/sweep_analysis.ipynb", as_version=4)
+    keys = [c for c in df.columns if "." in c]
+    sweeps.write_results(tmp_path / "results.csv", df.to_dict("records"), keys)
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "sweep_analysis.ipynb"), as_version=4)
     os.environ["K2JAX_SWEEP"] = str(tmp_path)
     try:
         NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": os.getcwd()}}).execute()
+                       resources={"metadata": {"path": ROOT}}).execute()
     finally:
         del os.environ["K2JAX_SWEEP"]
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))

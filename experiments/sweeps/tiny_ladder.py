@@ -6,8 +6,8 @@ A template for real studies, and the sweep the tests feed to
 notebooks/sweep_analysis.ipynb: every analysis the notebook makes (a metric
 against a swept key with seed error bars, LR sensitivity, loss against compute
 across sizes) has something to show. Sizes differ in width only, at the tiny
-preset's shape otherwise. Full: 16 members × 200 steps (~10 minutes on 2 CPUs with
-``--workers 2``); ``--quick``: one seed, 6 steps each (8 members), for the tests.
+preset's shape otherwise. Full: 16 members × 200 steps; ``--quick``: one seed, 6 steps
+each (8 members), for the tests.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import matplotlib
 
 from experiments.sweeps import Study, grid, zipped
-from k2jax import analysis
+from k2jax import analysis, atomic
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,9 +46,12 @@ def _table(df) -> str:
 
 def analyze(df, out: str) -> None:
     """report.md (seed means and spreads, best lr, LR sensitivity) and report.png."""
-    ok = df[df["status"] == "ok"]
+    # every member with a config, failed ones too: a divergence stop is a data point
+    # (it scores its initial loss in LR sensitivity), not a row to drop
+    ok = df[df["lr"].notna()]
     metric = "final_eval_loss"
-    lines = ["# tiny_ladder", "", f"{len(ok)} of {len(df)} members finished.", "",
+    done = int((df["status"] == "ok").sum())
+    lines = ["# tiny_ladder", "", f"{done} of {len(df)} members finished.", "",
              "## Final eval loss over seeds", "",
              _table(analysis.seed_stats(ok, ["model.hidden_size", "optimizer", "lr"], metric)), "",
              "## Best lr per optimizer and size", "",
@@ -56,8 +59,7 @@ def analyze(df, out: str) -> None:
              "## LR sensitivity (Wortsman et al. 2023)", "",
              _table(analysis.lr_sensitivity(ok, metric, by=("model.hidden_size", "optimizer"))),
              "", "![curves](report.png)", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
+    atomic.write_text(os.path.join(out, "report.md"), "\n".join(lines))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     analysis.plot_lr_sensitivity(axes[0], ok, metric)
     analysis.plot_loss_vs_compute(axes[1], ok, metric)
