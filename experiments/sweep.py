@@ -14,8 +14,9 @@ retried once: from its last checkpoint if it has one, else afresh with the faile
 attempt's directory kept beside it as ``NAME-HASH.failed-K``. The other members
 finish regardless; the exit status is 1 when any member failed, and a re-run tries
 the failed ones again. A run that exits early without an error (a preemption stop
-checkpoints and exits 0) is not finished either: it is resumed. Ctrl-C stops the
-sweep: no new attempt starts, and the next invocation picks up where it stopped.
+checkpoints and exits 0) is not finished either: it is resumed. Ctrl-C or SIGTERM
+stops the sweep: no new attempt starts, running members get SIGTERM (they
+checkpoint and exit), and the next invocation picks up where it stopped.
 
 DIR also holds ``results.csv`` (one row per member: swept values, status, losses,
 max logits, spikes, divergence, tokens, FLOPs, wall time; ``k2jax.sweeps.load``),
@@ -23,7 +24,9 @@ max logits, spikes, divergence, tokens, FLOPs, wall time; ``k2jax.sweeps.load``)
 output of attempt K) and ``sweep.jsonl`` (one line per invocation: the command and
 its members). Nothing a finished member wrote is ever touched again; a
 ``results.csv`` listing members the current command does not have is kept as
-``results.before-K.csv``. One sweep at a time may use DIR (a lock on ``DIR/.lock``).
+``results.before-K.csv``. One sweep at a time may use DIR (an flock on ``DIR/.lock``,
+which holds on one machine: on storage shared between machines, start one sweep per
+directory).
 
 ``--ray`` sends members as Ray tasks (``--resources`` per member, default 1 CPU) to
 the cluster at ADDRESS (``auto``: the one this machine belongs to). The workers
@@ -42,10 +45,11 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import sys
 
 from experiments import sweeps as studies
-from experiments.sweep_member import STOP, Job, command, execute, has_checkpoint, read_status
+from experiments.sweep_member import Job, command, execute, has_checkpoint, read_status, stop_all
 from experiments.sweep_ray import connect_ray, ray_options, run_ray
 from experiments.train import load_config
 from k2jax import atomic, sweeps
@@ -62,7 +66,7 @@ def run_local(jobs: list[Job], workers: int, on_done) -> None:
         for future in concurrent.futures.as_completed(futures):
             on_done(futures[future], future.result())
     except KeyboardInterrupt:
-        STOP.set()  # running members got the SIGINT too; queued ones never start
+        stop_all()  # queued members never start; running ones checkpoint and exit
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -122,25 +126,45 @@ def resolve(args) -> tuple[studies.Study, str]:
     if args.resources and not args.ray:
         raise ConfigError("--resources needs --ray (locally, --workers N runs N at once)")
     ray_options(args.resources)
-    load_config(study.config, list(study.base))  # a bad base fails every member: say so now
+    studies.swept_keys(study.axes)  # a key set by two axes
+    _check_keys(study)
     out = args.workdir or os.path.join("runs", "sweeps",
                                        args.study + ("-quick" if args.quick else ""))
-    if atomic.occupied(out) and not os.path.isfile(os.path.join(out, "sweep.jsonl")):
+    left = set(os.listdir(out)) - {".lock"} if os.path.isdir(out) else set()
+    if (left or os.path.isfile(out)) and not os.path.isfile(os.path.join(out, "sweep.jsonl")):
         raise ConfigError(f"--workdir {atomic.occupied(out)} and is not a sweep directory "
                           "(no sweep.jsonl); choose a new directory")
     return study, os.path.abspath(out)
 
 
+def _check_keys(study: studies.Study) -> None:
+    """A bad base, or a swept key that is no config key, fails every member: say so now.
+    (A bad *value* is one member's failure, recorded when it runs.)"""
+    load_config(study.config, list(study.base))
+    for point in (axis[0] for axis in study.axes if axis):
+        for key, value in point.items():
+            try:
+                load_config(study.config, [*study.base, f"{key}={value}"])
+            except ConfigError as e:
+                if "unknown config key" in str(e) or "has no sub-keys" in str(e):
+                    raise
+
+
 def lock(sweep_dir: str):
     """Hold ``DIR/.lock`` for this process's life: two sweeps in one directory would
-    move each other's live runs aside."""
+    move each other's live runs aside. (An flock: it keeps out sweeps on this machine;
+    on storage shared between machines, start one sweep per directory.)"""
     os.makedirs(sweep_dir, exist_ok=True)
     handle = open(os.path.join(sweep_dir, ".lock"), "w")  # noqa: SIM115  (held until exit)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        handle.close()
         raise ConfigError(f"{sweep_dir} is in use by another sweep (it holds "
                           f"{sweep_dir}/.lock); wait for it or choose another --workdir") from None
+    except OSError as e:  # e.g. no locks on this filesystem
+        handle.close()
+        raise ConfigError(f"{sweep_dir}/.lock: cannot lock ({e})") from None
     return handle
 
 
@@ -165,7 +189,8 @@ class Results:
                 print(f"kept the previous results.csv (other members) as {old}")
 
     def add(self, member: studies.Member, status: dict) -> None:
-        row = {"member": member.name, **member.values, **status}
+        row = {"member": member.name, **member.values, **status,
+               "overrides": shlex.join(member.overrides)}
         try:
             row.update(sweeps.run_summary(os.path.join(self.sweep_dir, member.name)))
         except (ConfigError, OSError, ValueError) as e:
@@ -205,10 +230,13 @@ def _run(args, study, out: str, jobs: list[Job], todo: list[Job], ray) -> int:
           f"running {len(todo)}", flush=True)
 
     def on_done(job: Job, status: dict) -> None:
-        results.add(job.member, status)
-        results.write()
         print(f"  {status['status']:<6} {job.member.name}  {status.get('error', '')}",
               flush=True)
+        try:
+            results.add(job.member, status)
+            results.write()
+        except Exception as e:  # noqa: BLE001  (the next member's end writes it again)
+            print(f"  (results.csv not written: {type(e).__name__}: {e})", file=sys.stderr)
 
     results.write()
     try:
@@ -239,19 +267,25 @@ def _run(args, study, out: str, jobs: list[Job], todo: list[Job], ray) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _args(argv)
+    held = None
     try:
         study, out = resolve(args)
+        ray = connect_ray(args.ray, ray_options(args.resources)) if args.ray and \
+            not args.dry_run else None
+        held = None if args.dry_run else lock(out)  # before reading what finished
         members = studies.plan(study.config, list(study.base), study.axes,
                                studies.known_members(out))
         jobs = [Job(m, study.config, out, os.getcwd()) for m in members]
         todo = [j for j in jobs if read_status(j).get("status") != "ok"]
         if args.dry_run:
             return _dry_run(jobs, todo)
-        ray = connect_ray(args.ray, ray_options(args.resources)) if args.ray else None
-        held = lock(out)
     except ConfigError as e:
+        if held is not None:
+            held.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # a scheduler's SIGTERM stops the sweep as Ctrl-C does (members checkpoint and exit)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with held:
         _log_invocation(out, argv, members)
         return _run(args, study, out, jobs, todo, ray)

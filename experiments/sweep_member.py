@@ -23,7 +23,9 @@ from k2jax.config import from_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RETRIES = 1
-STOP = threading.Event()  # set on Ctrl-C: no new attempt starts
+STOP = threading.Event()  # set by stop_all(): no new attempt starts
+RUNNING: set[subprocess.Popen] = set()  # the attempts running now (local engine)
+_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +107,19 @@ def _unfinished(run_dir: str) -> str:
     """Why a run that exited 0 is not done ("" when it reached ``train.steps``)."""
     steps = from_file(os.path.join(run_dir, "config.json")).train.steps
     rows = sweeps.train_rows(run_dir)
-    last = rows[-1]["step"] if rows else 0
+    if not rows:
+        return "exited without logging a step"
+    last = rows[-1]["step"]
     return "" if last >= steps else f"stopped at step {last} of {steps} (preempted?)"
+
+
+def _finished_unrecorded(run_dir: str) -> bool:
+    """A run that reached ``train.steps`` but whose end was never recorded (the sweep
+    was killed between the two): it is kept as finished, not trained again."""
+    try:
+        return _unfinished(run_dir) == ""
+    except (OSError, ValueError):  # no or unreadable config.json (ConfigError is one)
+        return False
 
 
 def _env() -> dict[str, str]:
@@ -125,25 +138,48 @@ def _attempt(job: Job, run_dir: str, logs: str) -> tuple[int, str]:
     with open(log_path, "x") as log:
         log.write(shlex.join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(cmd, cwd=job.cwd, env=_env(), stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        proc = subprocess.Popen(cmd, cwd=job.cwd, env=_env(), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with _LOCK:
+            RUNNING.add(proc)
+        try:
+            rc = proc.wait()
+        except BaseException:  # interrupted (a cancelled Ray task): stop the run too
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            with _LOCK:
+                RUNNING.discard(proc)
     return rc, _error_line(log_path, rc) if rc else _unfinished(run_dir)
 
 
+def stop_all() -> None:
+    """Stop the sweep here: no new attempt starts, and every running member gets
+    SIGTERM, on which it checkpoints and exits (a re-run resumes it)."""
+    STOP.set()
+    with _LOCK:
+        for proc in RUNNING:
+            proc.terminate()
+
+
 def execute(job: Job) -> dict:
-    """Run the member with one retry (none after a kill by a signal, e.g. Ctrl-C); write
-    and return its status record. Never raises: what goes wrong is this member's error."""
+    """Run the member with one retry (none after a kill by a signal, or once the sweep
+    is stopping); write and return its status record. Never raises: what goes wrong is
+    this member's error."""
     run_dir, status_path, logs = _paths(job)
     before = read_status(job)
     attempts, t0, error = int(before.get("attempts", 0)), time.time(), "interrupted"
     try:
         os.makedirs(logs, exist_ok=True)
-        for _ in range(1 + RETRIES):
+        if not before and _finished_unrecorded(run_dir):
+            error, attempts = "", max(attempts, 1)
+        for _ in range(1 + RETRIES if error else 0):
             if STOP.is_set():
                 break
             attempts += 1
             rc, error = _attempt(job, run_dir, logs)
-            if not error or rc < 0:
+            if not error or rc < 0 or STOP.is_set():
                 break
     except Exception as e:  # noqa: BLE001  (isolation: one member's failure, not the sweep's)
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

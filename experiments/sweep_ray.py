@@ -43,14 +43,16 @@ def connect_ray(address: str, options: dict):
                  log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise ConfigError(f"--ray {address}: cannot connect ({str(e).splitlines()[0]})") from None
-    have = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    have = {k: max(n.get(k, 0) for n in nodes) for k in {k for n in nodes for k in n}}
     need = {"CPU": options.get("num_cpus", 0), "GPU": options.get("num_gpus", 0),
             "memory": options.get("memory", 0), **options.get("resources", {})}
     short = [f"{k}={v:g}" for k, v in need.items() if v and have.get(k, 0) < v]
-    if short:
+    if short:  # a task no node can hold would wait forever
         ray.shutdown()
-        raise ConfigError(f"--resources {', '.join(short)}: more than the cluster at {address} "
-                          f"has ({', '.join(f'{k}={v:g}' for k, v in sorted(have.items()))})")
+        raise ConfigError(f"--resources {', '.join(short)}: more than any node of the cluster "
+                          f"at {address} has (largest: "
+                          f"{', '.join(f'{k}={v:g}' for k, v in sorted(have.items()))})")
     return ray
 
 
@@ -69,5 +71,10 @@ def run_ray(ray, jobs: list, options: dict, on_done) -> None:
                 except Exception as e:  # noqa: BLE001  (a lost task is one failed member)
                     outcome = {"status": "failed", "error": f"ray: {str(e).splitlines()[0]}"}
                 on_done(job, outcome)
+    except KeyboardInterrupt:
+        for ref in pending:  # interrupts the task's wait: its training run is killed
+            ray.cancel(ref)
+        ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        raise
     finally:
         ray.shutdown()

@@ -111,6 +111,8 @@ def test_ray_resources_and_bad_arguments_are_one_line_errors(tmp_path, capsys):
          "no values"),
         (["--config", "tiny", "--workdir", str(tmp_path / "s"), "--grid", "optimizer.lr=1",
           "--grid", "optimizer.lr=2"], "optimizer.lr: set by more than one axis"),
+        (["--config", "tiny", "--workdir", str(tmp_path / "s"), "--grid",
+          "optimizer.lrr=0.1,0.2"], "did you mean 'optimizer.lr'"),
         (["--config", "tiny", "--workdir", str(tmp_path / "s"), "--resources", "CPU=1"],
          "--resources needs --ray"),
         (["--config", "tiny", "--workdir", str(tmp_path / "s"), "--ray", "auto",
@@ -319,6 +321,11 @@ def test_a_preempted_member_is_resumed_not_counted_finished(tmp_path, monkeypatc
     assert resumed in (tmp_path / "logs" / "m-0.3.log").read_text()
     assert [r["step"] for r in sweeps.train_rows(tmp_path / "m-0")] == [1, 2, 3, 4]
     assert sweep_member._unfinished(str(tmp_path / "m-0")) == ""
+    # killed between the run's end and its record: kept as finished, not trained again
+    (tmp_path / "status" / "m-0.json").unlink()
+    again = sweep_member.execute(job)
+    assert again["status"] == "ok" and len(os.listdir(tmp_path / "logs")) == 3
+    assert not [n for n in os.listdir(tmp_path) if ".failed-" in n]
 
 
 def test_an_error_inside_execute_is_that_members_failure(tmp_path, monkeypatch):
