@@ -8,13 +8,10 @@ directory exactly as they do locally.
 
 from __future__ import annotations
 
-import os
 import re
 
-from experiments.sweep_member import execute
+from experiments.sweep_member import ROOT, execute
 from k2jax.config import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ray_options(resources: list[str]) -> dict:

@@ -1,20 +1,18 @@
 """k2jax.analysis against hand-computed answers on small synthetic sweeps."""
 
 import math
-import os
 
 import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from tiny_runs import execute_notebook
 
 from k2jax import analysis, sweeps
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LRS = (1e-3, 3e-3, 1e-2)
 SIZES = {64: 1_000_000, 128: 3_500_000}  # model.hidden_size -> params_active
@@ -218,20 +216,9 @@ def test_plots_draw_on_agg_axes():
 def test_sweep_analysis_notebook_executes(tmp_path):
     """notebooks/sweep_analysis.ipynb runs headless on a synthetic results.csv read by
     k2jax.sweeps.load (true/false bools, empty cells for NaN)."""
-    import nbformat
-    from nbclient import NotebookClient
-
     df = synthetic_sweep()
     keys = [c for c in df.columns if "." in c]
     sweeps.write_results(tmp_path / "results.csv", df.to_dict("records"), keys)
-    nb = nbformat.read(os.path.join(ROOT, "notebooks", "sweep_analysis.ipynb"), as_version=4)
-    os.environ["K2JAX_SWEEP"] = str(tmp_path)
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": ROOT}}).execute()
-    finally:
-        del os.environ["K2JAX_SWEEP"]
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    text, images = execute_notebook("sweep_analysis.ipynb", K2JAX_SWEEP=str(tmp_path))
     assert "24 members" in text and "diverged at step 40" in text
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 3
+    assert images == 3

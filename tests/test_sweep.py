@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import pytest
+from tiny_runs import execute_notebook
 
 from experiments import sweep, sweep_member
 from experiments import sweeps as studies
@@ -228,22 +229,8 @@ def test_study_runs_resumes_and_feeds_the_notebook(tmp_path):
     assert "8 finished before, running 0" in again.stdout
     assert sorted(os.listdir(out / "logs")) == logs
     assert {m: os.path.getmtime(out / m / "metrics.jsonl") for m in df["member"]} == mtimes
-    _execute_notebook(out)
-
-
-def _execute_notebook(sweep_dir):
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(os.path.join(ROOT, "notebooks", "sweep_analysis.ipynb"), as_version=4)
-    os.environ["K2JAX_SWEEP"] = str(sweep_dir)
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": ROOT}}).execute()
-    finally:
-        del os.environ["K2JAX_SWEEP"]
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) >= 3
+    _, images = execute_notebook("sweep_analysis.ipynb", K2JAX_SWEEP=str(out))
+    assert images >= 3
 
 
 def test_a_retry_resumes_from_a_checkpoint_or_keeps_the_failed_attempt(tmp_path):

@@ -1,4 +1,4 @@
-"""Tiny training runs shared by the tests of the step, the loop and the CLI."""
+"""Tiny training runs shared by the tests of the step, the loop and the CLI; the notebook runner."""
 
 import os
 
@@ -23,3 +23,29 @@ def losses(workdir, key="train/loss"):
 def deterministic(rows):
     """metrics.jsonl rows without the wall-clock ``perf/*`` entries."""
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def execute_notebook(name: str, **env: str):
+    """Run ``notebooks/NAME`` headless from the repository root with environment variables
+    ``env`` set (any cell error fails); returns (printed text, number of PNG outputs)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": ROOT}}).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    return text, sum("image/png" in o.get("data", {}) for o in outputs)
