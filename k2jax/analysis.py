@@ -1,4 +1,4 @@
-"""Sweep analysis: seed statistics, best lr, LR sensitivity, loss-vs-compute fits, plots.
+"""Sweep analysis: seed statistics, best lr, LR sensitivity, loss-vs-compute fits.
 
 One module so that the sweep notebook and every study's report (experiments/sweeps/)
 compute each number the same way. Every result
@@ -9,8 +9,8 @@ member, swept keys as dotted columns (``optimizer.lr``), metrics as floats.
 
 Grouping: ``by`` is extended by every other swept key that varies (see
 :func:`group_keys`), so a mean never mixes two configurations; rows left in one
-group must then differ in their seed, else ValueError. Plots draw on a given
-matplotlib ``ax``; this module never imports matplotlib itself.
+group must then differ in their seed, else ValueError. Plots of these numbers are
+in :mod:`k2jax.plots`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def group_keys(df: pd.DataFrame, by, x: str | None = None, scale: bool = False) 
     return by + extra + ([x] if x else [])
 
 
-def _groups(df: pd.DataFrame, keys: list[str]):
+def groups(df: pd.DataFrame, keys: list[str]):
     """(values tuple, rows) per group, NaN keys kept; one group when ``keys`` is empty."""
     return df.groupby(keys, dropna=False, sort=True) if keys else [((), df)]
 
@@ -94,9 +94,9 @@ def summarize(values, confidence: float = 0.95) -> tuple:
     return mean, std, n, int(x.size - n), mean - half, mean + half
 
 
-def _stats_over(df: pd.DataFrame, keys: list[str], metric: str, confidence: float):
+def stats_over(df: pd.DataFrame, keys: list[str], metric: str, confidence: float):
     _check_replicates(df, keys)
-    rows = [(*vals, *summarize(g[metric], confidence)) for vals, g in _groups(df, keys)]
+    rows = [(*vals, *summarize(g[metric], confidence)) for vals, g in groups(df, keys)]
     return pd.DataFrame(rows, columns=keys + STATS)
 
 
@@ -109,7 +109,7 @@ def seed_stats(df: pd.DataFrame, by, metric: str, confidence: float = 0.95) -> p
     failures beside it. :func:`lr_sensitivity` instead charges a diverged run the
     initial loss, which is what an LR-sensitivity number needs.
     """
-    return _stats_over(df, group_keys(df, by), metric, confidence)
+    return stats_over(df, group_keys(df, by), metric, confidence)
 
 
 def best_lr(df: pd.DataFrame, metric: str = "final_eval_loss", by=("optimizer",),
@@ -121,9 +121,9 @@ def best_lr(df: pd.DataFrame, metric: str = "final_eval_loss", by=("optimizer",)
     best lr is the grid's smallest or largest, so the optimum may lie outside it.
     """
     keys = group_keys(df, by, x=lr_key)
-    st = _stats_over(df, keys, metric, 0.95)
+    st = stats_over(df, keys, metric, 0.95)
     rows = []
-    for vals, g in _groups(st, keys[:-1]):
+    for vals, g in groups(st, keys[:-1]):
         ok = g[(g["n_failed"] == 0) & (g["n"] > 0)]
         if ok.empty:
             rows.append((*vals, np.nan, *[np.nan] * len(STATS), False))
@@ -143,7 +143,8 @@ def at_best_lr(df: pd.DataFrame, metric: str = "final_eval_loss", by=("optimizer
     return df.merge(best.loc[best[lr_key].notna(), keys], on=keys, how="inner")
 
 
-def _diverged(df: pd.DataFrame) -> pd.Series:
+def diverged(df: pd.DataFrame) -> pd.Series:
+    """Per row, whether the run diverged (a missing value counts as no)."""
     if "diverged" not in df:
         return pd.Series(False, index=df.index)
     return df["diverged"].astype("boolean").fillna(False).astype(bool)
@@ -161,7 +162,26 @@ def clamp_to_init(df: pd.DataFrame, metric: str,
     loss, init = df[metric].astype(float), df[init_key].astype(float)
     init = init.where(np.isfinite(init), np.nanmedian(init.where(np.isfinite(init))))
     out = np.minimum(loss, init)
-    return out.where(~(_diverged(df) | np.isinf(loss)), init).rename(CLAMPED)
+    return out.where(~(diverged(df) | np.isinf(loss)), init).rename(CLAMPED)
+
+
+def lr_sensitivity_per_seed(df: pd.DataFrame, metric: str = "final_eval_loss",
+                            by=("optimizer",), lr_key: str = "lr") -> pd.DataFrame:
+    """One :func:`lr_sensitivity` value per group and seed (column ``lr_sensitivity``):
+    that seed's mean over the lr grid of min(L, L_init) − its own best; NaN where the
+    seed misses an lr of its group or has a NaN loss at one."""
+    keys = group_keys(df, by, x=lr_key)
+    _check_replicates(df, keys)
+    d = df.assign(**{CLAMPED: clamp_to_init(df, metric)})
+    seeds = [c for c in df.columns if is_seed_key(c)]
+    rows = []
+    for vals, g in groups(d, keys[:-1]):
+        n_lrs = g[lr_key].nunique()
+        for seed_vals, sd in groups(g, seeds):
+            v = sd[CLAMPED].to_numpy(float)
+            rows.append((*vals, *seed_vals, np.mean(v - np.min(v)) if len(v) == n_lrs
+                         else np.nan, n_lrs))
+    return pd.DataFrame(rows, columns=[*keys[:-1], *seeds, "lr_sensitivity", "n_lrs"])
 
 
 def lr_sensitivity(df: pd.DataFrame, metric: str = "final_eval_loss", by=("optimizer",),
@@ -170,23 +190,17 @@ def lr_sensitivity(df: pd.DataFrame, metric: str = "final_eval_loss", by=("optim
 
     The expectation is the mean over the lr grid (log-spaced, as in the paper), L*
     the best loss over the grid, diverged runs scored as L_init
-    (:func:`clamp_to_init`). Computed per seed, each seed's L* from its own curve,
-    then summarized over seeds (mean, std, CI): so the number has a spread. A seed
-    missing an lr, or with a NaN loss there, is a failure (``n_failed``). In loss
-    units; lower is more robust. Read it beside :func:`best_lr`: a curve that never
-    learns at any lr also scores 0.
+    (:func:`clamp_to_init`). Computed per seed (:func:`lr_sensitivity_per_seed`), each
+    seed's L* from its own curve, then summarized over seeds (mean, std, CI): so the
+    number has a spread. A seed missing an lr, or with a NaN loss there, is a failure
+    (``n_failed``). In loss units; lower is more robust. Read it beside
+    :func:`best_lr`: a curve that never learns at any lr also scores 0.
     """
-    keys = group_keys(df, by, x=lr_key)
-    _check_replicates(df, keys)
-    d = df.assign(**{CLAMPED: clamp_to_init(df, metric)})
-    seeds = [c for c in df.columns if is_seed_key(c)]
-    rows = []
-    for vals, g in _groups(d, keys[:-1]):
-        n_lrs = g[lr_key].nunique()
-        per_seed = [np.mean(v - np.min(v)) if len(v) == n_lrs else np.nan
-                    for _, s in _groups(g, seeds) for v in [s[CLAMPED].to_numpy(float)]]
-        rows.append((*vals, *summarize(per_seed, confidence), n_lrs))
-    return pd.DataFrame(rows, columns=[*keys[:-1], *STATS, "n_lrs"])
+    keys = group_keys(df, by, x=lr_key)[:-1]
+    per_seed = lr_sensitivity_per_seed(df, metric, by, lr_key)
+    rows = [(*vals, *summarize(g["lr_sensitivity"], confidence), int(g["n_lrs"].iloc[0]))
+            for vals, g in groups(per_seed, keys)]
+    return pd.DataFrame(rows, columns=[*keys, *STATS, "n_lrs"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +285,7 @@ def compute_points(df: pd.DataFrame, metric: str, by=("optimizer",),
                    size_key: str = "params_active", compute_key: str = "flops") -> pd.DataFrame:
     """Seed stats of ``metric`` per (group, model size), with the seed-mean compute."""
     keys = group_keys(df, by, x=size_key, scale=True)
-    st = _stats_over(df, keys, metric, 0.95)
+    st = stats_over(df, keys, metric, 0.95)
     c = df.groupby(keys, dropna=False, sort=True)[compute_key].mean()
     st[compute_key] = c.to_numpy()
     return st
@@ -282,7 +296,7 @@ def fit_groups(points: pd.DataFrame, compute_key: str = "flops") -> dict:
     seed means (one weight per model size); None below 2 distinct compute values."""
     keys = [k for k in points.columns if k not in STATS and k != compute_key][:-1]
     out = {}
-    for vals, g in _groups(points, keys):
+    for vals, g in groups(points, keys):
         ok = np.isfinite(g["mean"]) & np.isfinite(g[compute_key]) & (g[compute_key] > 0)
         enough = g.loc[ok, compute_key].nunique() >= 2
         out[label(keys, vals)] = (fit_loss_vs_compute(g[compute_key], g["mean"])
@@ -295,104 +309,54 @@ def label(keys: list[str], values: tuple) -> str:
     return " ".join(str(v) if i == 0 else f"{k}={v}" for i, (k, v) in enumerate(zip(keys, values)))
 
 
-def _log_x(values) -> bool:
-    """Log axis for a positive numeric key spanning at least a decade (lr grids)."""
-    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-        return False
-    v = values[np.isfinite(values.astype(float))]
-    return bool(len(v) and (v > 0).all() and v.max() / v.min() >= 10)
+def compute_ratio(baseline: PowerLaw, reference: PowerLaw, compute) -> np.ndarray:
+    """The compute ``baseline`` needs to reach the loss ``reference`` predicts at
+    ``compute``, divided by ``compute``: > 1 when ``reference`` is the more
+    compute-efficient (Moonlight's Muon-vs-AdamW ~1/0.52 ≈ 1.9, arXiv 2502.16982)."""
+    c = np.asarray(compute, dtype=np.float64)
+    return compute_to_reach(baseline, reference.predict(c)) / c
 
 
-def _xs(st: pd.DataFrame, key: str):
-    """x positions and (ticks, tick labels) for ``key``: itself when numeric, else ranks."""
-    v = st[key]
-    if pd.api.types.is_numeric_dtype(v) and not pd.api.types.is_bool_dtype(v):
-        return v.astype(float).to_numpy(), None
-    cats = sorted(v.astype(str).unique())
-    return v.astype(str).map(cats.index).to_numpy(float), (list(range(len(cats))), cats)
+def _runs_fit(c, loss) -> PowerLaw:
+    return fit_loss_vs_compute(c, loss, min_saturating=np.inf)
 
 
-def _legend(ax) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+def efficiency_ratio(df: pd.DataFrame, baseline: str, reference: str, at,
+                     metric: str = "final_eval_loss", hue: str = "optimizer",
+                     compute_key: str = "flops", n_boot: int = 2000, seed: int = 0,
+                     confidence: float = 0.95) -> dict:
+    """:func:`compute_ratio` of two optimizers' loss-vs-compute curves at compute ``at``
+    (scalar or array), with a residual-bootstrap interval.
 
-
-def _yerr(g: pd.DataFrame, error: str):
-    if error == "std":
-        lo = hi = g["std"].to_numpy(float)
-    else:
-        lo = (g["mean"] - g["ci_low"]).to_numpy(float)
-        hi = (g["ci_high"] - g["mean"]).to_numpy(float)
-    return np.nan_to_num(np.vstack([lo, hi]))
-
-
-def plot_metric(ax, df: pd.DataFrame, key: str, metric: str, hue: str | None = "optimizer",
-                error: str = "ci") -> pd.DataFrame:
-    """Seed mean of ``metric`` against swept ``key``, one line per ``hue`` value.
-
-    Error bars: the 95% t interval (``error="ci"``) or ±std; none for a single
-    seed. Points with failed seeds are annotated ("2 failed"). Returns the stats.
+    Each optimizer's curve is the pure power law L = A·C^(−α) fitted by least squares
+    in log–log space to its runs (every seed a point; pass the tuned runs, e.g.
+    :func:`at_best_lr` per size). Over a compute range of about a decade the
+    saturating form's irreducible loss E is not identified by a handful of sizes,
+    while a ratio at matched loss inside (or just past) the measured range needs only
+    the local log–log slope, which the pure law fits with two parameters (Kaplan et
+    al. 2020, arXiv 2001.08361). Interval: refit both curves to fitted values plus
+    log-residuals resampled with replacement within each optimizer (scaled by
+    √(n/(n−2)) for the two fitted parameters), ``n_boot`` times; the percentile
+    interval of the ratio. It covers seed noise (seeds are separate points) and
+    lack of fit. Returns {"value", "low", "high", "n_boot", "fits": {name: PowerLaw}}.
     """
-    keys = group_keys(df, [hue] if hue and hue != key else [], x=key)
-    st = _stats_over(df, keys, metric, 0.95)
-    xs, ticks = _xs(st, key)
-    st = st.assign(_x=xs)
-    for vals, g in _groups(st, keys[:-1]):
-        g = g.sort_values("_x")
-        ax.errorbar(g["_x"], g["mean"], yerr=_yerr(g, error), marker="o", capsize=3,
-                    ls="-" if ticks is None else "none", label=label(keys[:-1], vals) or None)
-        for _, r in g[(g["n_failed"] > 0) & np.isfinite(g["mean"])].iterrows():
-            ax.annotate(f"{int(r['n_failed'])} failed", (r["_x"], r["mean"]), fontsize=7)
-    if ticks:
-        ax.set_xticks(*ticks)
-    if _log_x(st[key]):
-        ax.set_xscale("log")
-    ax.set(xlabel=key, ylabel=f"{metric} (seed mean, {'95% CI' if error == 'ci' else 'std'})")
-    _legend(ax)
-    return st.drop(columns="_x")
-
-
-def plot_lr_sensitivity(ax, df: pd.DataFrame, metric: str = "final_eval_loss",
-                        hue: str = "optimizer", lr_key: str = "lr") -> pd.DataFrame:
-    """min(L, L_init) against lr per ``hue`` (seed error bars), each best lr starred.
-
-    Diverged runs sit at L_init (dotted line), as in Wortsman et al. 2023, Fig. 1;
-    y spans the seed losses to L_init, so a wide interval is cut rather than
-    flattening the curves. Returns :func:`best_lr`'s table.
-    """
-    d = df.assign(**{CLAMPED: clamp_to_init(df, metric)})
-    plot_metric(ax, d, lr_key, CLAMPED, hue=hue)
-    best = best_lr(df, metric, by=[hue], lr_key=lr_key)
-    ax.plot(best[lr_key], best["mean"], "k*", ms=12, label="best lr")
-    init = float(np.nanmedian(d["initial_train_loss"]))
-    ax.axhline(init, color="gray", ls=":", lw=1)
-    low = np.nanmin(d[CLAMPED]) if np.isfinite(d[CLAMPED]).any() else np.nan
-    if np.isfinite(init) and np.isfinite(low) and low < init:  # 2-seed t intervals are wide
-        ax.set_ylim(low - 0.1 * (init - low), init + 0.1 * (init - low))
-    ax.set(xlabel=lr_key, ylabel=f"min({metric}, initial loss)", xscale="log")
-    _legend(ax)
-    return best
-
-
-def plot_loss_vs_compute(ax, df: pd.DataFrame, metric: str = "final_eval_loss",
-                         hue: str = "optimizer", size_key: str = "params_active",
-                         compute_key: str = "flops") -> dict:
-    """Seed mean of ``metric`` per model size against compute, and a fitted curve per
-    ``hue`` (:func:`fit_loss_vs_compute`); log x, linear loss (with E > 0 the curve is
-    no straight line on log-log axes anyway). Returns {label: PowerLaw}."""
-    points = compute_points(df, metric, [hue], size_key, compute_key)
-    fits = fit_groups(points, compute_key)
-    keys = list(points.columns[: points.columns.get_loc("mean") - 1])
-    for vals, g in _groups(points, keys):
-        name = label(keys, vals)
-        bars = ax.errorbar(g[compute_key], g["mean"], yerr=_yerr(g, "ci"), marker="o",
-                           ls="none", capsize=3, label=name)
-        fit = fits.get(name)
-        if fit is not None:
-            c = np.geomspace(g[compute_key].min(), g[compute_key].max(), 100)
-            ax.plot(c, fit.predict(c), color=bars.lines[0].get_color(), lw=1,
-                    label=f"{name}: {fit.form}, alpha={fit.alpha:.3g}")
-    ax.set(xscale="log", xlabel=f"{compute_key} (training FLOPs)",
-           ylabel=f"{metric} (seed mean, 95% CI)")
-    _legend(ax)
-    return fits
+    rng = np.random.default_rng(seed)
+    data, fits = {}, {}
+    for name in (baseline, reference):
+        g = df[(df[hue] == name) & np.isfinite(df[metric].astype(float))]
+        c, loss = g[compute_key].to_numpy(float), g[metric].to_numpy(float)
+        if np.unique(c).size < 2:
+            raise ValueError(f"{name}: needs runs at 2 distinct compute values, has "
+                             f"{np.unique(c).size}")
+        fits[name] = _runs_fit(c, loss)
+        resid = np.log(loss) - np.log(fits[name].predict(c))
+        data[name] = (c, fits[name].predict(c), resid * np.sqrt(c.size / max(c.size - 2, 1)))
+    value = compute_ratio(fits[baseline], fits[reference], at)
+    boots = []
+    for _ in range(n_boot):
+        refit = {n: _runs_fit(c, pred * np.exp(rng.choice(r, size=r.size, replace=True)))
+                 for n, (c, pred, r) in data.items()}
+        boots.append(compute_ratio(refit[baseline], refit[reference], at))
+    lo, hi = np.nanpercentile(np.asarray(boots), [50 * (1 - confidence), 50 * (1 + confidence)],
+                              axis=0)
+    return {"value": value, "low": lo, "high": hi, "n_boot": n_boot, "fits": fits}

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from tiny_runs import execute_notebook
 
-from k2jax import analysis, sweeps
+from k2jax import analysis, plots, sweeps
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -201,14 +201,14 @@ def test_plots_draw_on_agg_axes():
     """Each helper draws its lines on the given axes, log x where the key spans decades."""
     df = synthetic_sweep()
     fig, axes = plt.subplots(1, 4)
-    st = analysis.plot_metric(axes[0], df, "optimizer.lr", "final_eval_loss")
+    st = plots.plot_metric(axes[0], df, "optimizer.lr", "final_eval_loss")
     assert len(st) == 12 and axes[0].get_xscale() == "log"
     assert len(axes[0].get_legend().get_texts()) == 4
-    best = analysis.plot_lr_sensitivity(axes[1], df, "final_eval_loss")
+    best = plots.plot_lr_sensitivity(axes[1], df, "final_eval_loss")
     assert len(best) == 4 and "best lr" in [t.get_text() for t in axes[1].get_legend().get_texts()]
-    fits = analysis.plot_loss_vs_compute(axes[2], analysis.at_best_lr(df), "final_eval_loss")
+    fits = plots.plot_loss_vs_compute(axes[2], analysis.at_best_lr(df), "final_eval_loss")
     assert set(fits) == {"adamw", "muon"} and axes[2].get_xscale() == "log"
-    analysis.plot_metric(axes[3], df, "optimizer", "max_logit", hue=None, error="std")
+    plots.plot_metric(axes[3], df, "optimizer", "max_logit", hue=None, error="std")
     assert [t.get_text() for t in axes[3].get_xticklabels()] == ["adamw", "muon"]
     plt.close(fig)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import spike_study
-from k2jax.metrics import MetricsWriter
+from k2jax.metrics import MetricsWriter, read_jsonl
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "experiments", "results",
                          "spike_study", "summary.json")
@@ -55,6 +55,44 @@ def test_paragraph_states_the_measured_numbers():
     assert "= 0.955" in text and "2 loss spikes" in text
 
 
+def _seeded(seed, muon_logit=180.0, clip_logit=40.0, clip_median=31.0, clip_loss=2.1):
+    run = dict(lr=0.1, seed=seed, fraction_heads_ever_clipped=0.5, spikes=0, diverged=False,
+               plateau_from=None)
+    return [dict(run, run=f"muon_lr0.1_seed{seed}", optimizer="muon", max_logit=muon_logit,
+                 final_eval_loss=2.2, median_max_logit_second_half=150.0),
+            dict(run, run=f"muonclip_lr0.1_seed{seed}", optimizer="muonclip",
+                 max_logit=clip_logit, final_eval_loss=clip_loss,
+                 median_max_logit_second_half=clip_median),
+            dict(run, run=f"muon_lr0.01_seed{seed}", optimizer="muon", lr=0.01, max_logit=1.0,
+                 final_eval_loss=9.0, median_max_logit_second_half=1.0)]  # not the top lr
+
+
+def test_claims_are_judged_on_the_worst_seed():
+    tau = 30.0
+    rows = [*_seeded(0), *_seeded(1, muon_logit=160.0, clip_logit=70.0, clip_loss=2.2),
+            *_seeded(2, muon_logit=200.0, clip_median=32.0)]
+    got = {c["claim"]: c for c in spike_study.claims(rows, tau)}
+    assert sorted(got) == sorted(c[0] for c in spike_study.CLAIMS[:4])  # no AdamW runs
+    peak = got["MuonClip's peak max logit"]  # seed 1 breaks it (70 > 2τ)
+    assert peak["values"] == [40.0, 70.0, 40.0] and peak["seeds"] == [0, 1, 2]
+    assert (peak["worst"], peak["worst_seed"], peak["n"], peak["holds"]) == (70.0, 1, 3, False)
+    muon = got["vanilla Muon's max attention logit"]  # ≥: the least seed is the worst
+    assert (muon["worst"], muon["worst_seed"], muon["holds"]) == (160.0, 1, True)
+    median = got["MuonClip's second-half median max logit"]
+    assert (median["worst"], median["worst_seed"], median["holds"]) == (32.0, 2, True)
+    ratio = got["MuonClip / Muon final eval loss"]  # paired within each seed
+    assert ratio["values"] == pytest.approx([2.1 / 2.2, 1.0, 2.1 / 2.2])
+    assert (ratio["worst_seed"], ratio["holds"], ratio["threshold"]) == (1, True, 1.02)
+    nan = spike_study.claims([*_seeded(0), *_seeded(1, muon_logit=float("nan"))], tau)
+    assert nan[0]["worst_seed"] == 1 and not nan[0]["holds"]  # a nan is the worst case
+    only_clip = [r for r in rows if r["optimizer"] == "muonclip"]
+    assert [c["claim"] for c in spike_study.claims(only_clip, tau)] == [
+        "MuonClip's peak max logit", "MuonClip's second-half median max logit"]
+    text = spike_study.paragraph(rows, tau)
+    assert "reached at least 160.0 (5.3τ; 160.0–200.0 over 3 seeds)" in text
+    assert "peaked at no more than 70.0 (2.33τ; 40.0–70.0 over 3 seeds;" in text
+
+
 def _study(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "experiments.spike_study", *args],
                           capture_output=True, text=True, cwd=cwd or os.getcwd(),
@@ -87,6 +125,47 @@ def test_study_refuses_bad_input(tmp_path):
     r = _study("--workdir", str(tmp_path / "new"), "optimizer.lrr=1")
     assert r.returncode == 2 and "did you mean 'optimizer.lr'" in r.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_seeds_must_be_positive(tmp_path):
+    for bad in ("0", "x"):
+        r = _study("--seeds", bad, "--workdir", str(tmp_path / "new"))
+        assert r.returncode == 2 and r.stderr.startswith("error: --seeds")
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _study("--seeds", "2", "--workdir", str(tmp_path / "new"), "train.seed=3")
+    assert r.returncode == 2 and "drop the override train.seed=" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_quick_study_over_two_seeds(tmp_path):
+    """--seeds 2: seed k sets the initialisation and the data order, shared by the
+    optimizers within a seed; the claims are over both seeds."""
+    out = tmp_path / "seeds"
+    r = _study("--quick", "--preset", "tiny", "--seeds", "2", "--steps", "6", "--optimizers",
+               "muon,muonclip", "--workdir", str(out), "data.global_batch_size=4",
+               "data.seq_len=32", "train.eval_every=6", "train.eval_batches=2",
+               env={"XLA_FLAGS": ""})  # one CPU device: the simulated 8-device mesh is slower
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    names = ["muon_lr0.1_seed0", "muon_lr0.1_seed1", "muonclip_lr0.1_seed0",
+             "muonclip_lr0.1_seed1"]
+    assert [x["run"] for x in summary["runs"]] == names
+    assert [x["seed"] for x in summary["runs"]] == [0, 1, 0, 1] and summary["meta"]["seeds"] == 2
+    for n in names:  # seed k: both the initialisation and the data order
+        cfg = json.loads((out / n / "config.json").read_text())
+        assert cfg["train"]["seed"] == cfg["data"]["seed"] == int(n[-1])
+    losses = {n: [r["train/loss"] for r in read_jsonl(out / n / "metrics.jsonl")
+                  if "train/loss" in r] for n in names}
+    assert losses["muon_lr0.1_seed0"] != losses["muon_lr0.1_seed1"]  # other init and data
+    for k in (0, 1):  # within a seed, the same init and batches
+        assert losses[f"muon_lr0.1_seed{k}"][0] == pytest.approx(
+            losses[f"muonclip_lr0.1_seed{k}"][0], rel=1e-6)
+    claims = summary["claims"]
+    assert len(claims) == 4 and all(c["n"] == 2 and c["seeds"] == [0, 1] for c in claims)
+    report = (out / "report.md").read_text()
+    assert "| claim (top lr) | threshold | worst case over 2 seeds |" in report
+    assert "with τ = 30, 2 seeds each: vanilla Muon's max attention logit reached at least" \
+        in report
 
 
 def test_quick_study(tmp_path):

@@ -17,7 +17,8 @@ import os
 import matplotlib
 
 from experiments.sweeps import Study, grid, zipped
-from k2jax import analysis, atomic
+from experiments.sweeps import _common as common
+from k2jax import analysis, atomic, plots
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,15 +36,6 @@ QUICK_BASE = (*BASE, "data.seq_len=32", "data.global_batch_size=8",
               "train.eval_batches=2")
 
 
-def _table(df) -> str:
-    """A DataFrame as a markdown table, numbers to 4 significant digits."""
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
-             for row in df.itertuples(index=False)]
-    return "\n".join(["| " + " | ".join(map(str, df.columns)) + " |",
-                      "|" + "---|" * len(df.columns),
-                      *("| " + " | ".join(c) + " |" for c in cells)])
-
-
 def analyze(df, out: str) -> None:
     """report.md (seed means and spreads, best lr, LR sensitivity) and report.png."""
     # every member with a config, failed ones too: a divergence stop is a data point
@@ -51,18 +43,19 @@ def analyze(df, out: str) -> None:
     ok = df[df["lr"].notna()]
     metric = "final_eval_loss"
     done = int((df["status"] == "ok").sum())
+    by = ("model.hidden_size", "optimizer")
     lines = ["# tiny_ladder", "", f"{done} of {len(df)} members finished.", "",
              "## Final eval loss over seeds", "",
-             _table(analysis.seed_stats(ok, ["model.hidden_size", "optimizer", "lr"], metric)), "",
+             common.table(analysis.seed_stats(ok, [*by, "lr"], metric)), "",
              "## Best lr per optimizer and size", "",
-             _table(analysis.best_lr(ok, metric, by=("model.hidden_size", "optimizer"))), "",
+             common.table(analysis.best_lr(ok, metric, by=by)), "",
              "## LR sensitivity (Wortsman et al. 2023)", "",
-             _table(analysis.lr_sensitivity(ok, metric, by=("model.hidden_size", "optimizer"))),
+             common.table(analysis.lr_sensitivity(ok, metric, by=by)),
              "", "![curves](report.png)", ""]
     atomic.write_text(os.path.join(out, "report.md"), "\n".join(lines))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    analysis.plot_lr_sensitivity(axes[0], ok, metric)
-    analysis.plot_loss_vs_compute(axes[1], analysis.at_best_lr(ok, metric), metric)  # tuned
+    plots.plot_lr_sensitivity(axes[0], ok, metric)
+    plots.plot_loss_vs_compute(axes[1], analysis.at_best_lr(ok, metric), metric)  # tuned
     fig.tight_layout()
     fig.savefig(os.path.join(out, "report.png"), dpi=100)
     plt.close(fig)
