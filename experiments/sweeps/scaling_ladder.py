@@ -14,8 +14,8 @@ benchmark (arXiv 2509.02046) finds the speed-up falling with scale (~1.4× at 0.
 - tokens proportional to active parameters (1 token per active parameter, 8 × 128
   tokens per step), so compute C = 6·N·D-style FLOPs (k2jax.metrics.flops_per_token)
   grows ~N² and spans 12.5× from the smallest to the largest size;
-- {AdamW, MuonClip (τ = 30)}, each at 3 lrs per size (its best is picked per size,
-  k2jax.analysis.at_best_lr), 2 seeds at the two smallest sizes;
+- {AdamW, MuonClip (τ = 30)}, each at 4 lrs ×2 apart per size (its best is picked per
+  size, k2jax.analysis.at_best_lr), 2 seeds at the two smallest sizes;
 - the spike study's warmup-stable-decay schedule with 10% warm-up, evaluated at the
   end of training (2509.02046: rankings mid-run can flip once the lr decays).
 
@@ -25,7 +25,7 @@ loss MuonClip's curve gives at MuonClip's largest compute, over that compute, wi
 a residual-bootstrap 95% interval; the ratio at the smallest compute shows its
 trend with scale.
 
-Full: 36 runs. ``--quick``: widths 32 and 48, 2 lrs, 2 seeds at width 32, a few steps.
+Full: 48 runs. ``--quick``: widths 32 and 48, 2 lrs, 2 seeds at width 32, a few steps.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 BATCH, SEQ, TOKENS_PER_PARAM, METRIC = 8, 128, 1.0, "final_eval_loss"
 # ×2 apart around each optimizer's best lr on `small` (lr_sensitivity: AdamW 0.0063,
-# Muon 0.016–0.04): each optimizer is tuned on its own grid
-LRS = {"adamw": (0.003, 0.006, 0.012), "muonclip": (0.01, 0.02, 0.04)}
+# Muon 0.016–0.04), each on its own grid; the outer lrs (0.0015, 0.08) were added when
+# the best lr of the smallest sizes sat on the first grid's edge
+LRS = {"adamw": (0.0015, 0.003, 0.006, 0.012), "muonclip": (0.01, 0.02, 0.04, 0.08)}
 BASELINE, REFERENCE = "adamw", "muonclip"
 
 
