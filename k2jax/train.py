@@ -175,10 +175,13 @@ def update_biases(rest, load_LE, rate: float, ok):
 
 
 def _group_rms(updates, labels) -> dict[str, jax.Array]:
+    """RMS of each group's updates. The element count is a Python float: at Kimi K2's
+    width the AdamW group alone (embedding + head) has 2.35e9 > 2³¹ elements, which a
+    Python int would overflow as a JAX int32."""
     sums: dict[str, Any] = {}
     for u, label in zip(jax.tree.leaves(updates), jax.tree.leaves(labels)):
-        s, n = sums.get(label, (0.0, 0))
-        sums[label] = (s + jnp.sum(jnp.square(u.astype(jnp.float32))), n + u.size)
+        s, n = sums.get(label, (0.0, 0.0))
+        sums[label] = (s + jnp.sum(jnp.square(u.astype(jnp.float32))), n + float(u.size))
     return {f"train/update_rms/{k}": jnp.sqrt(s / n) for k, (s, n) in sums.items()}
 
 

@@ -121,3 +121,22 @@ def test_training_starts_from_a_hugging_face_checkpoint(tmp_path):
     with pytest.raises(hf.HFError, match="model.hidden_size=48"):
         train.init_from_hf(state, shardings, load_config(fixture, ["model.hidden_size=48"]),
                            mesh)
+
+
+def test_the_step_traces_at_kimi_k2_width():
+    """Counts and sizes that pass 2³¹ at K2 scale stay out of int32: the AdamW group alone
+    (embedding + head) has 2,354,371,584 elements, which once overflowed ``_group_rms``.
+    Two layers (one dense, one MoE) at full width, traced only: nothing is allocated."""
+    cfg = presets.load("kimi-k2", ["model.num_hidden_layers=2", "mesh.fsdp=1",
+                                   "data.global_batch_size=2", "data.seq_len=16"])
+    mesh = loop.make_mesh(cfg)
+    tx = optimizer.build_optimizer(cfg)
+    abstract = train.abstract_state(cfg, tx, mesh)
+    graphdef = nnx.graphdef(train.abstract_model(cfg.model))
+    step = train.make_train_step(cfg, graphdef, tx, mesh, train.state_shardings(abstract, mesh))
+    batch = {k: jax.ShapeDtypeStruct((2, 16), jnp.int32) for k in ("inputs", "targets")}
+    _, metrics = jax.eval_shape(step, abstract, batch)
+    assert metrics["train/update_rms/adamw"].dtype == jnp.float32
+    big = jax.ShapeDtypeStruct((3, 2**30), jnp.bfloat16)
+    rms = jax.eval_shape(lambda u: train._group_rms({"a": u}, {"a": "adamw"}), big)
+    assert rms["train/update_rms/adamw"].shape == ()
