@@ -62,7 +62,7 @@ def setup(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None) ->
     """Mesh, optimizer, data, state (fresh, from a Hugging Face checkpoint, or restored
     with the config's lr) and the compiled step and eval functions."""
     mesh = make_mesh(cfg)
-    tx = optimizer_lib.build_optimizer(cfg)
+    tx = optimizer_lib.build_optimizer(cfg, mesh)
     train_it, tok = data.make_iterator(cfg.data, "train")
     if tok.vocab_size > cfg.model.vocab_size:
         raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "

@@ -16,11 +16,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
+from jax.sharding import NamedSharding
 
 import optim
+from k2jax import params, sharding
 from k2jax.config import Config, ModelConfig, OptimizerConfig
+from optim.distributed_ns import Placement
 from optim.partition import ADAMW, MatrixDims, Partition
-from optim.paths import path_str
+from optim.paths import flatten, path_str
 from optim.qk_clip import ClipTarget, QKLayout
 
 # The leaves that are not hidden matrices, by path: the embedding [V, D], the LM head
@@ -124,8 +128,19 @@ def applied_lr(cfg: Config, opt_state) -> jax.Array:
     return learning_rate(cfg, opt_state.hyperparams["lr"])(opt_state.count)
 
 
-def build_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
+def placement(cfg: ModelConfig, mesh) -> Placement:
+    """Where Muon's Newton–Schulz runs on ``mesh``: whole matrices per device, each update
+    returned to its parameter's sharding (from the logical axes, k2jax.sharding)."""
+    _, p, _ = nnx.split(params.abstract_model(cfg), nnx.Param, ...)
+    return Placement(mesh, flatten(sharding.variable_shardings(p, mesh),
+                                   is_leaf=lambda x: isinstance(x, NamedSharding)))
+
+
+def build_optimizer(cfg: Config, mesh=None) -> optax.GradientTransformationExtraArgs:
     """The configured optimizer; QK-Clip is chained when ``optimizer.qk_clip``.
+
+    Given the ``mesh``, Newton–Schulz is split across it (:func:`placement`); without one
+    it runs where GSPMD puts it (one device, or tests of the unsharded optimizer).
 
     The peak learning rates are injected hyperparameters (``optax.inject_hyperparams``):
     f32 scalars in ``opt_state.hyperparams`` (``lr``, ``adam_lr``), not constants in the
@@ -145,7 +160,8 @@ def build_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
             adam_weight_decay=o.adam_weight_decay, decay_mask=decay_mask(o),
             mu_dtype=jnp.dtype(o.mu_dtype),
             qk_layout=qk_layout(m, o.qk_clip_alpha) if o.qk_clip else None, tau=o.tau,
-            monitor_only=o.monitor_only)
+            monitor_only=o.monitor_only,
+            placement=None if mesh is None or o.name != "muon" else placement(m, mesh))
         if o.grad_clip_norm:
             tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
         return tx

@@ -2,11 +2,14 @@
 
 Model-agnostic: nothing here imports k2jax. The model supplies a
 :class:`Partition` (which leaves Muon owns) and a :class:`QKLayout` (where
-each head's query/key slices live). The submodules stay reachable as attributes
+each head's query/key slices live); given a :class:`Placement` (the mesh and each
+parameter's sharding), Muon splits its Newton–Schulz work across the devices, whole
+matrices per device (:mod:`optim.distributed_ns` says why and how). The submodules stay reachable as attributes
 (``optim.qk_clip.find_state``, ``optim.newton_schulz.coefficients``): no function
 exported here shares a submodule's name.
 """
 
+from optim.distributed_ns import Placement
 from optim.factory import adamw, build, muon, muonclip
 from optim.muon import orthogonalize, scale_by_muon
 from optim.newton_schulz import polar_factor
@@ -15,7 +18,7 @@ from optim.qk_clip import ClipTarget, QKClipState, QKLayout, clip_params, clip_q
 from optim.schedules import schedule
 
 __all__ = [
-    "ADAMW", "AUTO", "DEFAULT", "ClipTarget", "MatrixDims", "Partition", "QKClipState",
+    "ADAMW", "AUTO", "DEFAULT", "ClipTarget", "MatrixDims", "Partition", "Placement", "QKClipState",
     "QKLayout", "adamw", "build", "clip_params", "clip_qk_logits", "muon", "muonclip",
     "orthogonalize", "polar_factor", "scale_by_muon", "schedule",
 ]

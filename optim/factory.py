@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import optax
 
+from optim.distributed_ns import Placement
 from optim.muon import UpdateScale, scale_by_muon
 from optim.partition import DEFAULT, Partition
 from optim.qk_clip import QKLayout, clip_qk_logits
@@ -35,13 +36,15 @@ def build(kind: str, learning_rate: LR, *, weight_decay: float = 0.1, b1: float 
           partition: Partition | None = None, adam_learning_rate: LR | None = None,
           adam_weight_decay: float | None = None, decay_mask: Callable | None = None,
           qk_layout: QKLayout | None = None, tau: float = 100.0, monitor_only: bool = False,
-          mu_dtype=None) -> optax.GradientTransformationExtraArgs:
+          mu_dtype=None,
+          placement: Placement | None = None) -> optax.GradientTransformationExtraArgs:
     """An optimizer: ``kind`` 'adamw' or 'muon', plus QK-Clip when ``qk_layout`` is given.
 
     Muon's group: W ← W − η(O + λW) (K2 Algorithm 1). AdamW's group gets
     ``adam_learning_rate`` / ``adam_weight_decay``, by default the same as Muon's
     (Moonlight's RMS matching makes them transferable). ``mu_dtype`` is the dtype of
-    Muon's momentum and Adam's first moment (None: the parameter's).
+    Muon's momentum and Adam's first moment (None: the parameter's). ``placement`` splits
+    Newton–Schulz across a mesh (optim.distributed_ns).
     """
     adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
     adam_wd = weight_decay if adam_weight_decay is None else adam_weight_decay
@@ -54,7 +57,7 @@ def build(kind: str, learning_rate: LR, *, weight_decay: float = 0.1, b1: float 
         muon = optax.chain(
             scale_by_muon(part.dims, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                           ns_coeffs=ns_coeffs, ns_dtype=ns_dtype, update_scale=update_scale,
-                          rms_scale=rms_scale, mu_dtype=mu_dtype),
+                          rms_scale=rms_scale, mu_dtype=mu_dtype, placement=placement),
             optax.add_decayed_weights(weight_decay, decay_mask),
             optax.scale_by_learning_rate(learning_rate))
         tx = optax.partition({"muon": muon, "adamw": adamw}, part.labels)

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optim.distributed_ns import Placement, orthogonalize_tree
 from optim.newton_schulz import Coeffs, polar_factor
 from optim.partition import MatrixDims
-from optim.paths import path_str
 
 
 class MuonState(NamedTuple):
@@ -71,11 +71,14 @@ def orthogonalize(x, dims: MatrixDims, *, steps: int = 5, coeffs: str | Coeffs =
 def scale_by_muon(dims: Callable[[str, tuple[int, ...]], MatrixDims], *, momentum: float = 0.95,
                   nesterov: bool = True, ns_steps: int = 5, ns_coeffs: str | Coeffs = "jordan",
                   ns_dtype=jnp.float32, update_scale: UpdateScale = "k2",
-                  rms_scale: float = 0.2, mu_dtype=None) -> optax.GradientTransformation:
+                  rms_scale: float = 0.2, mu_dtype=None,
+                  placement: Placement | None = None) -> optax.GradientTransformation:
     """Muon's update direction for every leaf it sees; ``dims(path, shape)`` gives its matrix view.
 
     Leaves masked out by ``optax.partition`` carry no state and are skipped. ``mu_dtype``
-    is the momentum buffer's dtype (None: the parameter's).
+    is the momentum buffer's dtype (None: the parameter's). Same-shape matrices are
+    orthogonalised as one batch; a ``placement`` (mesh + parameter shardings) splits
+    those batches across the mesh (optim.distributed_ns).
     """
     scale_factor(update_scale, 1, 1)  # an unknown rule fails here, not inside a trace
 
@@ -87,11 +90,11 @@ def scale_by_muon(dims: Callable[[str, tuple[int, ...]], MatrixDims], *, momentu
         mu = jax.tree.map(lambda m, g: (momentum * m + g).astype(m.dtype), state.momentum, updates)
         direction = jax.tree.map(lambda m, g: momentum * m + g, mu, updates) if nesterov else mu
 
-        def one(kp, d):
-            return orthogonalize(d, dims(path_str(kp), d.shape), steps=ns_steps, coeffs=ns_coeffs,
-                                 dtype=ns_dtype, update_scale=update_scale,
-                                 rms_scale=rms_scale).astype(d.dtype)
+        def scale(fan_in, fan_out):
+            return scale_factor(update_scale, fan_in, fan_out, rms_scale)
 
-        return jax.tree_util.tree_map_with_path(one, direction), MuonState(mu)
+        out = orthogonalize_tree(direction, dims, scale, placement=placement, steps=ns_steps,
+                                 coeffs=ns_coeffs, dtype=ns_dtype)
+        return out, MuonState(mu)
 
     return optax.GradientTransformation(init, update)
