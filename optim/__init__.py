@@ -4,9 +4,10 @@ Model-agnostic: nothing here imports k2jax. The model supplies a
 :class:`Partition` (which leaves Muon owns) and a :class:`QKLayout` (where
 each head's query/key slices live); given a :class:`Placement` (the mesh and each
 parameter's sharding), Muon splits its Newton–Schulz work across the devices, whole
-matrices per device (:mod:`optim.distributed_ns` says why and how). The submodules stay reachable as attributes
-(``optim.qk_clip.find_state``, ``optim.newton_schulz.coefficients``): no function
-exported here shares a submodule's name.
+matrices per device (:mod:`optim.distributed_ns` says why and how). The submodules
+stay reachable as attributes (``optim.qk_clip.find_state``,
+``optim.newton_schulz.coefficients``): no function exported here shares a submodule's
+name.
 """
 
 from optim.distributed_ns import Placement
