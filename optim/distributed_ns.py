@@ -25,8 +25,18 @@ touch the network:
 4. one batched Newton–Schulz runs on each device's matrices, with no collective;
 5. the reverse all-to-all returns each leaf's slice to its parameter's sharding.
 
-Batching also helps one device: one batched matmul per shape replaces one small
-matmul chain per leaf.
+On one device there is nothing to split, and leaves are orthogonalised one by one, as
+they lie: XLA:CPU runs a batched matmul slower than the same matmuls one at a time
+(Newton–Schulz of 768 matrices 256 × 256 as one batch: 3.5 s, one by one: 2.1 s), so
+stacking would only cost there.
+
+The cost of whole matrices: a shape with fewer matrices than devices leaves the
+devices past its count computing on zero padding, so each device pays for about
+Σ_shapes ⌈count/devices⌉ matrices instead of 1/devices of the total. Expert stacks
+(K2: 3 × 60 × 384 matrices) make that small at full depth; a shallow model on a large
+pod (DeepSeek-V3 at 4 layers on 256 chips: its 9 dense-MLP matrices, each done whole
+by one chip) does several times GSPMD's per-chip FLOPs, without GSPMD's collectives
+in every step (benchmarks/RESULTS.md has both).
 """
 
 from __future__ import annotations
@@ -150,6 +160,14 @@ def orthogonalize_group(mats: list, axes: tuple[Axes, Axes, Axes], mesh=None, **
     return [out[:, j] for j in range(k)]
 
 
+def orthogonalize_leaf(x, d: MatrixDims, scale: Callable[[int, int], float], **ns):
+    """One leaf's matrices (``d``) orthogonalised where they lie, times
+    ``scale(fan_in, fan_out)``."""
+    _, fan_in, fan_out = d.matrix_shape(x.shape)
+    o = d.from_matrices(polar_factor(d.to_matrices(x), **ns), x.shape)
+    return (o * scale(fan_in, fan_out)).astype(x.dtype)
+
+
 def orthogonalize_tree(tree, dims: Callable[[str, tuple[int, ...]], MatrixDims],
                        scale: Callable[[int, int], float], *,
                        placement: Placement | None = None, **ns):
@@ -157,10 +175,14 @@ def orthogonalize_tree(tree, dims: Callable[[str, tuple[int, ...]], MatrixDims],
     (``dims(path, shape)``) and multiplied by ``scale(fan_in, fan_out)``.
 
     ``ns`` are :func:`optim.newton_schulz.polar_factor`'s keywords (steps, coeffs,
-    dtype). Same-shape matrices are orthogonalised as one batch; with a ``placement``
-    the batches are split across its mesh as the module docstring describes, and each
-    result is constrained to its leaf's sharding.
+    dtype). With a ``placement`` over several devices, same-shape matrices are stacked
+    and split across its mesh as the module docstring describes, and each result is
+    constrained to its leaf's sharding; otherwise each leaf is done on its own.
     """
+    if placement is None or placement.mesh.size == 1:
+        return jax.tree_util.tree_map_with_path(
+            lambda kp, x: orthogonalize_leaf(x, dims(path_str(kp), x.shape), scale, **ns),
+            tree)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     xs = [x for _, x in flat]
     groups: dict[tuple, list[_Leaf]] = {}

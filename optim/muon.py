@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim.distributed_ns import Placement, orthogonalize_tree
-from optim.newton_schulz import Coeffs, polar_factor
+from optim.distributed_ns import Placement, orthogonalize_leaf, orthogonalize_tree
+from optim.newton_schulz import Coeffs
 from optim.partition import MatrixDims
 
 
@@ -63,9 +63,9 @@ def scale_factor(rule: UpdateScale, fan_in: int, fan_out: int, rms_scale: float 
 def orthogonalize(x, dims: MatrixDims, *, steps: int = 5, coeffs: str | Coeffs = "jordan",
                   dtype=jnp.float32, update_scale: UpdateScale = "k2", rms_scale: float = 0.2):
     """NS-orthogonalise every matrix of leaf ``x`` and scale it by the ``update_scale`` rule."""
-    _, fan_in, fan_out = dims.matrix_shape(x.shape)
-    o = polar_factor(dims.to_matrices(x), steps=steps, coeffs=coeffs, dtype=dtype)
-    return dims.from_matrices(o, x.shape) * scale_factor(update_scale, fan_in, fan_out, rms_scale)
+    return orthogonalize_leaf(
+        x, dims, lambda fan_in, fan_out: scale_factor(update_scale, fan_in, fan_out, rms_scale),
+        steps=steps, coeffs=coeffs, dtype=dtype)
 
 
 def scale_by_muon(dims: Callable[[str, tuple[int, ...]], MatrixDims], *, momentum: float = 0.95,
@@ -76,9 +76,9 @@ def scale_by_muon(dims: Callable[[str, tuple[int, ...]], MatrixDims], *, momentu
     """Muon's update direction for every leaf it sees; ``dims(path, shape)`` gives its matrix view.
 
     Leaves masked out by ``optax.partition`` carry no state and are skipped. ``mu_dtype``
-    is the momentum buffer's dtype (None: the parameter's). Same-shape matrices are
-    orthogonalised as one batch; a ``placement`` (mesh + parameter shardings) splits
-    those batches across the mesh (optim.distributed_ns).
+    is the momentum buffer's dtype (None: the parameter's). A ``placement`` (mesh +
+    parameter shardings) splits the Newton–Schulz work across the mesh, whole matrices
+    per device (optim.distributed_ns).
     """
     scale_factor(update_scale, 1, 1)  # an unknown rule fails here, not inside a trace
 
