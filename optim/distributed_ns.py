@@ -18,8 +18,9 @@ touch the network:
    with zero matrices along k until b·k divides by the device count (a zero
    matrix stays zero under Newton–Schulz, so padding changes nothing);
 3. merged to [b·k, m, n], the stack is resharded so that its first axis is split
-   over every mesh axis, those already splitting b first: one all-to-all moves
-   each element once, and each device then holds b·k/devices whole matrices
+   over every mesh axis, those already splitting b first: one all-to-all per mesh
+   axis that splits the rows or columns (one under fsdp alone, two under
+   fsdp × tensor), after which each device holds b·k/devices whole matrices
    (expert stacks split over ``expert`` keep that split and move only over the
    other axes);
 4. one batched Newton–Schulz runs on each device's matrices, with no collective;
@@ -75,10 +76,14 @@ def _axes(entry) -> Axes:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _matrix_axes(spec: P | None, d: MatrixDims, ndim: int) -> tuple[Axes, Axes, Axes]:
-    """Mesh axes splitting the (batch, fan_in, fan_out) axes of a leaf's matrix view."""
+def _matrix_axes(spec: P | None, d: MatrixDims, ndim: int, mesh) -> tuple[Axes, Axes, Axes]:
+    """Mesh axes (of size > 1) splitting the (batch, fan_in, fan_out) axes of a leaf's
+    matrix view. Merging leaf axes concatenates their mesh axes, which is the merged
+    axis's layout when the split axes are the major ones (true of every k2jax leaf; a
+    split minor axis would cost XLA a reshuffle, not a wrong result)."""
     entries = list(spec or ()) + [None] * (ndim - len(spec or ()))
-    merged = lambda group: sum((_axes(entries[a]) for a in group), ())  # noqa: E731
+    merged = lambda group: tuple(a for i in group for a in _axes(entries[i])  # noqa: E731
+                                 if mesh.shape[a] > 1)
     return merged(d.batch), merged(d.fan_in), merged(d.fan_out)
 
 
@@ -103,11 +108,15 @@ class _Leaf:
         return (b, min(m, n), max(m, n), jnp.dtype(dtype), self.axes)
 
 
-def _leaf(i, path, x, dims, placement) -> _Leaf:
+def _leaf(i, path, x, dims, placement: Placement) -> _Leaf:
     d = dims(path, x.shape)
     _, m, n = d.matrix_shape(x.shape)
-    sh = placement.shardings.get(path) if placement is not None else None
-    batch, rows, cols = _matrix_axes(sh.spec if sh is not None else None, d, x.ndim)
+    if placement.shardings and path not in placement.shardings:
+        raise ValueError(f"{path}: no sharding in the Newton–Schulz placement (a Muon leaf "
+                         "the placement's parameter shardings do not name)")
+    sh = placement.shardings.get(path)
+    batch, rows, cols = _matrix_axes(sh.spec if sh is not None else None, d, x.ndim,
+                                     placement.mesh)
     return _Leaf(i, path, tuple(x.shape), d, m > n, (batch, *((cols, rows) if m > n else
                                                               (rows, cols))))
 
@@ -122,7 +131,7 @@ def _from_wide(o, leaf: _Leaf):
 
 
 def _constrain(x, mesh, spec: P):
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _reshard_path(mesh, axes: tuple[Axes, Axes, Axes]) -> list[P]:
@@ -132,24 +141,23 @@ def _reshard_path(mesh, axes: tuple[Axes, Axes, Axes]) -> list[P]:
     then each axis splitting rows or columns moves onto the stack axis (an all-to-all)."""
     batch, rows, cols = (list(a) for a in axes)
     stack = batch + [a for a in mesh.axis_names if a not in batch + rows + cols]
-    path = [_spec(batch, rows, cols), _spec(stack, rows, cols)]
+    path = [_spec(*map(tuple, (batch, rows, cols))), _spec(*map(tuple, (stack, rows, cols)))]
     for dim in (rows, cols):
         while dim:
             stack.append(dim.pop())
-            path.append(_spec(stack, rows, cols))
+            path.append(_spec(tuple(stack), tuple(rows), tuple(cols)))
     return path
 
 
-def orthogonalize_group(mats: list, axes: tuple[Axes, Axes, Axes], mesh=None, **ns) -> list:
+def orthogonalize_group(mats: list, axes: tuple[Axes, Axes, Axes], mesh, **ns) -> list:
     """Newton–Schulz of k same-shape, same-sharding batches [b, m, n] (m ≤ n) as one stack
     split over ``mesh`` (steps 2-5 of the module docstring)."""
     b, m, n = mats[0].shape
-    devices = 1 if mesh is None else mesh.size
     k = len(mats)
-    k_pad = k + -k % (devices // math.gcd(b, devices))
+    k_pad = k + -k % (mesh.size // math.gcd(b, mesh.size))
     stack = jnp.stack(mats + [jnp.zeros_like(mats[0])] * (k_pad - k), axis=1)  # [b, k', m, n]
     stack = _constrain(stack, mesh, _spec(axes[0], (), axes[1], axes[2]))
-    path = _reshard_path(mesh, axes) if mesh is not None else []
+    path = _reshard_path(mesh, axes)
     flat = stack.reshape(b * k_pad, m, n)
     for spec in path:
         flat = _constrain(flat, mesh, spec)
@@ -189,13 +197,13 @@ def orthogonalize_tree(tree, dims: Callable[[str, tuple[int, ...]], MatrixDims],
     for i, (kp, x) in enumerate(flat):
         leaf = _leaf(i, path_str(kp), x, dims, placement)
         groups.setdefault(leaf.key(x.dtype), []).append(leaf)
-    mesh = placement.mesh if placement is not None else None
     out: list = [None] * len(xs)
     for members in groups.values():
         mats = [_to_wide(xs[leaf.index], leaf) for leaf in members]
-        for leaf, o in zip(members, orthogonalize_group(mats, members[0].axes, mesh, **ns)):
+        outs = orthogonalize_group(mats, members[0].axes, placement.mesh, **ns)
+        for leaf, o in zip(members, outs):
             _, fan_in, fan_out = leaf.dims.matrix_shape(leaf.shape)
             y = (_from_wide(o, leaf) * scale(fan_in, fan_out)).astype(xs[leaf.index].dtype)
-            target = placement.shardings.get(leaf.path) if placement is not None else None
+            target = placement.shardings.get(leaf.path)
             out[leaf.index] = y if target is None else jax.lax.with_sharding_constraint(y, target)
     return jax.tree_util.tree_unflatten(treedef, out)

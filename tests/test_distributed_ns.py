@@ -51,6 +51,24 @@ def test_batched_equals_leaf_by_leaf():
     assert not np.any(got["zero"])
 
 
+def test_one_device_is_leaf_by_leaf_exactly_and_unknown_leaves_are_named():
+    """On one device nothing is stacked: bit-identical to orthogonalising each leaf alone.
+    A placement whose shardings miss a Muon leaf names it, rather than gathering it."""
+    rng = np.random.default_rng(1)
+    tree = {"a": jnp.asarray(rng.normal(size=(16, 24)), jnp.float32),
+            "experts": jnp.asarray(rng.normal(size=(3, 24, 16)), jnp.float32)}
+    one = Placement(sharding.make_mesh(fsdp=1))
+    got = orthogonalize_tree(tree, PART.dims, lambda i, o: 0.2, placement=one)
+    for k, x in tree.items():
+        d = PART.dims(k, x.shape)
+        np.testing.assert_array_equal(
+            got[k], d.from_matrices(optim.polar_factor(d.to_matrices(x)), x.shape) * 0.2)
+    mesh = sharding.make_mesh(fsdp=8)
+    partial = Placement(mesh, {"a": NamedSharding(mesh, P())})
+    with pytest.raises(ValueError, match="experts: no sharding"):
+        orthogonalize_tree(tree, PART.dims, lambda i, o: 1.0, placement=partial)
+
+
 def _random_like(tree, seed):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
