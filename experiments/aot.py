@@ -370,6 +370,8 @@ def _setup(args):
 
 def main(argv=None) -> int:
     args = _args(argv)
+    # compile-only TPU executables cannot be read back from a persistent cache (a warning)
+    jax.config.update("jax_enable_compilation_cache", False)
     cfg, mesh, chip, layers = _setup(args)
     raw = oom = None
     try:
