@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.bench_optim import timeit  # noqa: E402
+from experiments import aot  # noqa: E402
 from k2jax import loop, optimizer, presets, sharding, train  # noqa: E402
 
 MESHES = {"fsdp8": ["mesh.fsdp=8"],
@@ -64,8 +65,9 @@ def _setup(preset: str, mesh_overrides, ns_steps: int = 5, placed: bool = True):
 
 @functools.cache
 def _compiled(preset, mesh_name, ns_steps, placed):
-    _, _, _, a, fn = _setup(preset, MESHES.get(mesh_name, ["mesh.fsdp=1"]), ns_steps, placed)
-    return fn.lower(a.params, a.params, a.opt_state).compile()
+    cfg, mesh, tx, a, _ = _setup(preset, MESHES.get(mesh_name, ["mesh.fsdp=1"]), ns_steps,
+                                 placed)
+    return aot.compile_optimizer(cfg, mesh, tx, a)[0]
 
 
 def ns_flops(preset, mesh_name, placed) -> float:

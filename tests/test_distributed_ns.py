@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optim
+from experiments import aot
 from k2jax import compiled, loop, optimizer, presets, sharding, train
 from optim import MatrixDims, Partition
 from optim.distributed_ns import Placement, orthogonalize_tree
@@ -104,22 +105,12 @@ def test_sharded_update_equals_the_unsharded_optimizer(mesh_name):
 @functools.cache
 def _compiled_update(mesh_name: str, ns_steps: int, placed: bool = True):
     """The optimizer update + apply of ``tiny`` (8 layers) compiled for a mesh, from
-    abstract shapes."""
+    abstract shapes (what experiments.aot compiles as the optimizer's share)."""
     cfg = presets.load("tiny", [*MODEL, *MESHES.get(mesh_name, ["mesh.fsdp=1"]),
                                 f"optimizer.ns_steps={ns_steps}"])
     mesh = loop.make_mesh(cfg)
     tx = optimizer.build_optimizer(cfg, mesh if placed else None)
-    abstract = train.abstract_state(cfg, tx, mesh)
-    sh = train.state_shardings(abstract, mesh)
-
-    def step(params, grads, opt_state, logits):
-        updates, opt_state = tx.update(grads, opt_state, params, attn_max_logits=logits)
-        return optax.apply_updates(params, updates), opt_state
-
-    logits = jax.ShapeDtypeStruct((8, cfg.model.num_attention_heads), jnp.float32)
-    return jax.jit(step, in_shardings=(sh.params, sh.params, sh.opt_state, None),
-                   out_shardings=(sh.params, sh.opt_state)).lower(
-        abstract.params, abstract.params, abstract.opt_state, logits).compile()
+    return aot.compile_optimizer(cfg, mesh, tx, train.abstract_state(cfg, tx, mesh))[0]
 
 
 def _ns_step(mesh_name: str, placed: bool = True) -> tuple[float, dict, dict]:
