@@ -15,8 +15,8 @@ and MFU, which are *estimates* (k2jax.compiled). The idea is MaxText's
 ``model.moe_impl=auto`` compiles as ``ragged``, what it picks on a TPU.
 
 ``--fit-layers A,B`` compiles the model at A and at B layers instead of its own depth
-and extrapolates every per-chip figure linearly to ``model.num_hidden_layers`` (the
-layers are not scanned, so a 61-layer compile is slow and memory-hungry on a small
+and extrapolates every per-chip figure linearly to ``model.num_hidden_layers`` (for
+``scan_layers=false``, where a 61-layer compile is slow and memory-hungry on a small
 host): each layer past ``first_k_dense_replace`` is a MoE layer, so the difference of
 the two is one MoE layer's cost. The report says so.
 
@@ -355,10 +355,10 @@ def _setup(args):
             raise ConfigError(f"mesh {dict(mesh.shape)} uses {mesh.devices.size} of "
                               f"--topology {args.topology}'s {len(devices)} chips; sizes "
                               "must multiply to the chip count (or use -1)")
-        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
         if cfg.data.global_batch_size % rows:
             raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size}: must be "
-                              f"a multiple of mesh data x fsdp = {rows}")
+                              f"a multiple of mesh data x fsdp x expert = {rows}")
         chip = compiled.chip(devices[0].device_kind, args.hbm_gib)
         layers = tuple(int(x) for x in args.fit_layers.split(",")) if args.fit_layers else None
         if layers is not None and len(layers) != 2:

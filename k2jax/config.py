@@ -88,6 +88,11 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DeepSeek-V3 eq. 17)
     moe_impl: Literal["auto", "blocked", "ragged", "dense"] = "auto"
     moe_block_size: int = 0  # rows per expert block in "blocked"; 0 = auto
+    scan_layers: bool = True  # execution (same function): lax.scan over each layer stack
+    remat: Literal["none", "full", "save_dots"] = "none"  # per layer, in the backward pass
+    attention_impl: Literal["reference", "chunked"] = "chunked"  # memory O(T), not O(T^2)
+    attention_block_q: int = 512  # query rows per block of chunked attention
+    attention_block_kv: int = 512  # key/value rows per block of chunked attention
     # numerics
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -100,9 +105,10 @@ class ModelConfig:
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
             "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
             "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
-            "n_group", "topk_group", "max_position_embeddings", "q_lora_rank",
-            "num_key_value_heads", "head_dim", "rms_norm_eps", "initializer_range",
-            "rope_theta"), non_negative=("n_shared_experts", "moe_block_size"))
+            "n_group", "topk_group", "max_position_embeddings", "q_lora_rank", "head_dim",
+            "num_key_value_heads", "rms_norm_eps", "initializer_range", "rope_theta",
+            "attention_block_q", "attention_block_kv"), non_negative=(
+            "n_shared_experts", "moe_block_size"))
         _check(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
                "first_k_dense_replace", self.first_k_dense_replace,
                f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
@@ -242,8 +248,7 @@ class MeshConfig:
     def __post_init__(self):
         _check_fields(self, "mesh.", non_negative=("num_processes", "process_id"))
         sizes = (self.data, self.fsdp, self.expert, self.tensor)
-        _check(all(v == -1 or v > 0 for v in sizes), "mesh.data", sizes,
-               "mesh sizes must be positive or -1")
+        _check(all(v == -1 or v > 0 for v in sizes), "mesh", sizes, "sizes must be > 0 or -1")
         _check(sizes.count(-1) <= 1, "mesh.fsdp", sizes, "at most one mesh axis may be -1")
 
 
@@ -287,8 +292,7 @@ class Config:
                f"must divide data.global_batch_size={self.data.global_batch_size}")
 
 
-# ---------------------------------------------------------------------------
-# validation, dicts and JSON files
+# validation, dicts and JSON files ---------------------------------------------
 
 
 def _check(ok: bool, field: str, value: Any, why: str) -> None:
@@ -340,8 +344,7 @@ def _check_fields(cfg, prefix: str, positive=(), non_negative=(), below_one=(), 
                            (non_negative, lambda v: v >= 0, "must be >= 0"),
                            (below_one, lambda v: 0 <= v < 1, "must be in [0, 1)"),
                            (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]")):
-        for name in names:
-            value = getattr(cfg, name)
+        for name, value in ((n, getattr(cfg, n)) for n in names):
             _check(value is None or ok(value), prefix + name, value, why)
 
 
@@ -351,10 +354,9 @@ def field_types(cls) -> dict[str, Any]:
 
 
 def unwrap_optional(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    if union and len(args := [a for a in typing.get_args(tp) if a is not type(None)]) == 1:
+        return args[0], True
     return tp, False
 
 
@@ -383,8 +385,7 @@ def from_dict(cls, values: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+to_dict = dataclasses.asdict
 
 
 def from_file(path: str | os.PathLike) -> Config:

@@ -2,10 +2,11 @@
 
 ``optim/`` is model-agnostic and ``k2jax/model`` knows nothing of optimizers;
 this module joins them. The views are derived from parameter paths
-(``layers.3.attn.q_b``) in exactly one place each and checked over the whole
-tree by the tests: which leaves Muon owns and which decay (both from the path
-patterns below: an expert stack is E matrices to Muon), and where QK-Clip finds
-each head's query/key slices by layer, head axis and column range.
+(``moe_layers.attn.q_b``: a stack [L, Q, H, K] of layers) in exactly one place each
+and checked over the whole tree by the tests: which leaves Muon owns and which decay
+(both from the path patterns below: a layer stack is L matrices to Muon, an expert
+stack L·E), and where QK-Clip finds each layer's query/key slices by layer axis, head
+axis and column range.
 """
 
 from __future__ import annotations
@@ -28,22 +29,29 @@ from optim.paths import flatten, path_str
 from optim.qk_clip import ClipTarget, QKLayout
 
 # The leaves that are not hidden matrices, by path: the embedding [V, D], the LM head
-# [D, V], each MoE router [D, E] and every RMSNorm scale. The model has no biases (the
+# [D, V], each MoE router [L, D, E] and every RMSNorm scale. The model has no biases (the
 # router's selection bias is not a parameter).
 EMBED, LM_HEAD, ROUTER, NORM = r"embed", r"lm_head", r".*\.moe\.router", r".*norm\.scale"
 
+# A stacked [L, in, out] matrix (k2jax.model.transformer: every layer leaf has a leading
+# layer axis): L separate in x out matrices.
+LAYER_MATRIX = MatrixDims(fan_in=(1,), fan_out=(2,), batch=(0,))
+
 # How each hidden matrix is a batch of matrices to Muon (Kimi K2 §2.1 / Moonlight §2:
-# Muon for hidden matrices). Every model leaf must match a rule; an unmatched one is an
-# error.
+# Muon for hidden matrices): each layer's matrices separately. Every model leaf must
+# match a rule; an unmatched one is an error.
 MATRIX_RULES = (
-    # routed experts [E, in, out]: E separate matrices
-    (r".*\.moe\.(w_gate|w_up|w_down)", MatrixDims(fan_in=(1,), fan_out=(2,), batch=(0,))),
-    # per-head projections [in, heads, head_dim]: one in x (heads*head_dim) matrix
-    (r".*\.attn\.(q_b|q_proj|k_proj|v_proj|kv_b)", MatrixDims(fan_in=(0,), fan_out=(1, 2))),
-    # output projection [heads, head_dim, D]: one (heads*head_dim) x D matrix
-    (r".*\.attn\.o", MatrixDims(fan_in=(0, 1), fan_out=(2,))),
-    (r".*\.attn\.(q_a|kv_a)", MatrixDims()),
-    (r".*\.(mlp|shared)\.(gate|up|down)", MatrixDims()),
+    # routed experts [L, E, in, out]: L·E separate matrices. The batch is ordered expert
+    # first, so the merged batch axis keeps the expert split as its major part
+    # (optim.distributed_ns reshards it without a shuffle).
+    (r".*\.moe\.(w_gate|w_up|w_down)", MatrixDims(fan_in=(2,), fan_out=(3,), batch=(1, 0))),
+    # per-head projections [L, in, heads, head_dim]: one in x (heads*head_dim) per layer
+    (r".*\.attn\.(q_b|q_proj|k_proj|v_proj|kv_b)", MatrixDims(fan_in=(1,), fan_out=(2, 3),
+                                                           batch=(0,))),
+    # output projection [L, heads, head_dim, D]: one (heads*head_dim) x D per layer
+    (r".*\.attn\.o", MatrixDims(fan_in=(1, 2), fan_out=(3,), batch=(0,))),
+    (r".*\.attn\.(q_a|kv_a)", LAYER_MATRIX),
+    (r".*\.(mlp|shared)\.(gate|up|down)", LAYER_MATRIX),
 )
 
 
@@ -53,8 +61,9 @@ def partition(cfg: OptimizerConfig | None = None) -> Partition:
     ``muon_embeddings`` or ``muon_lm_head`` gives them to Muon, each as one fan_in x
     fan_out matrix (the embedding's fan-in is the one-hot vocabulary)."""
     o = cfg or OptimizerConfig()
-    chosen = ((EMBED, o.muon_embeddings), (LM_HEAD, o.muon_lm_head), (ROUTER, o.muon_router))
-    rules = tuple((pattern, MatrixDims() if muon else ADAMW) for pattern, muon in chosen)
+    chosen = ((EMBED, o.muon_embeddings, MatrixDims()), (LM_HEAD, o.muon_lm_head, MatrixDims()),
+              (ROUTER, o.muon_router, LAYER_MATRIX))
+    rules = tuple((pattern, dims if muon else ADAMW) for pattern, muon, dims in chosen)
     return Partition(rules=(*rules, (NORM, ADAMW), *MATRIX_RULES))
 
 
@@ -86,20 +95,23 @@ def qk_layout(cfg: ModelConfig, alpha: float = 0.5) -> QKLayout:
         raise ValueError("qk_layout: qk_norm=True normalises q and k, so scaling their "
                          "weights cannot clip logits; use QK-Clip or qk_norm, not both")
     targets = []
-    for layer in range(cfg.num_hidden_layers):
-        pre = f"layers.{layer}.attn."
+    k, n = cfg.first_k_dense_replace, cfg.num_hidden_layers
+    for stack, first, size in (("dense_layers", 0, k), ("moe_layers", k, n - k)):
+        if not size:
+            continue
+        pre = f"{stack}.attn."
+        at = lambda name, slices: ClipTarget(pre + name, first, 2, slices, layer_axis=0)  # noqa
         if cfg.attention == "mla":
             nope, rdim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
             q_name = "q_b" if cfg.q_lora_rank else "q_proj"
-            targets.append(ClipTarget(pre + q_name, layer, 1,
-                                      ((0, nope, alpha), (nope, nope + rdim, 1.0))))
-            targets.append(ClipTarget(pre + "kv_b", layer, 1, ((0, nope, 1 - alpha),)))
+            targets.append(at(q_name, ((0, nope, alpha), (nope, nope + rdim, 1.0))))
+            targets.append(at("kv_b", ((0, nope, 1 - alpha),)))
         elif cfg.kv_heads == cfg.num_attention_heads:
             hd = cfg.mha_head_dim
-            targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, hd, alpha),)))
-            targets.append(ClipTarget(pre + "k_proj", layer, 1, ((0, hd, 1 - alpha),)))
+            targets.append(at("q_proj", ((0, hd, alpha),)))
+            targets.append(at("k_proj", ((0, hd, 1 - alpha),)))
         else:
-            targets.append(ClipTarget(pre + "q_proj", layer, 1, ((0, cfg.mha_head_dim, 1.0),)))
+            targets.append(at("q_proj", ((0, cfg.mha_head_dim, 1.0),)))
     return QKLayout(cfg.num_hidden_layers, cfg.num_attention_heads, tuple(targets))
 
 

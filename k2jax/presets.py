@@ -26,6 +26,7 @@ _KIMI_K2 = dict(
     rope_scaling=YarnConfig(factor=32.0, original_max_position_embeddings=4096,
                             beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
     rms_norm_eps=1e-6, initializer_range=0.02, aux_loss_alpha=0.001, dtype="bfloat16",
+    remat="full",  # execution at pod scale: recompute each layer in the backward pass
 )
 _DEEPSEEK_V3 = dict(
     _KIMI_K2, vocab_size=129280, num_attention_heads=128, n_routed_experts=256,

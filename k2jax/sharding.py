@@ -8,6 +8,7 @@ rules table, never new model code.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,7 +23,10 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    # expert doubles as data parallelism outside the experts (as in MaxText): every device
+    # holds its own tokens, which expert parallelism (k2jax.model.expert_parallel) sends
+    # to the devices owning their experts
+    "batch": ("data", "fsdp", "expert"),
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -36,6 +40,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_head": None,
     "v_head": None,
     "norm": None,
+    "layers": None,  # a stack of scanned layers: each device holds its share of every layer
 }
 
 
@@ -114,7 +119,25 @@ def mirrored_shardings(tree, like, like_shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None) -> NamedSharding:
-    """Batch-major arrays [B, ...]: B over the data-parallel axes."""
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=None, size: int | None = None
+                   ) -> NamedSharding:
+    """Batch-major arrays [B, ...]: B over the data-parallel axes; given the batch
+    ``size``, only over those that divide it (as :func:`logical_to_spec`: a batch of 4
+    on data 2 × fsdp 2 × expert 2 is split 4 ways and repeated over ``expert``)."""
     rules = RULES if rules is None else rules
-    return NamedSharding(mesh, P(rules["batch"], *([None] * (ndim - 1))))
+    spec = rules["batch"] if size is None else logical_to_spec(("batch",), (size,), mesh,
+                                                               rules)[0]
+    return NamedSharding(mesh, P(spec, *([None] * (ndim - 1))))
+
+
+def under_mesh(fn, mesh: Mesh):
+    """``fn`` traced under ``mesh`` as the context (abstract) mesh: what the model reads to
+    choose expert-parallel dispatch (k2jax.model.expert_parallel.plan), with no mesh
+    threaded through its modules. Wrap the function given to ``jax.jit``; the devices come
+    from the jit's shardings."""
+    return functools.partial(_call_under_mesh, fn, mesh)
+
+
+def _call_under_mesh(fn, mesh: Mesh, *args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return fn(*args, **kwargs)

@@ -161,16 +161,21 @@ def guarded_update(state: TrainState, grads, stats, tx):
 def update_biases(rest, load_LE, rate: float, ok):
     """DeepSeek-V3's aux-loss-free balancing, once per step from this step's load.
 
-    The selection biases are the only ``SelectionBias`` variables, one per MoE layer;
-    flattening keeps layer order, so the i-th bias takes the i-th row of ``load_LE``."""
+    The selection biases are the only ``SelectionBias`` variables: one [L_moe, E] stack
+    (k2jax.model.transformer), whose rows are the MoE layers in order, as are
+    ``load_LE``'s."""
     is_bias = lambda x: isinstance(x, SelectionBias)  # noqa: E731
     leaves, treedef = jax.tree.flatten(rest, is_leaf=is_bias)
-    biases = [x for x in leaves if is_bias(x)]
-    if len(biases) != load_LE.shape[0]:
-        raise ValueError(f"{len(biases)} selection biases for {load_LE.shape[0]} MoE layers")
-    loads = iter(load_LE)
-    new = [x.replace(jnp.where(ok, update_selection_bias(x[...], next(loads), rate), x[...]))
-           if is_bias(x) else x for x in leaves]
+    rows = sum(x.shape[0] for x in leaves if is_bias(x))
+    if rows != load_LE.shape[0]:
+        raise ValueError(f"{rows} selection-bias rows for {load_LE.shape[0]} MoE layers")
+    new, start = [], 0
+    for x in leaves:
+        if is_bias(x):
+            load = load_LE[start:start + x.shape[0]]
+            x = x.replace(jnp.where(ok, update_selection_bias(x[...], load, rate), x[...]))
+            start += x.shape[0]
+        new.append(x)
     return jax.tree.unflatten(treedef, new)
 
 
@@ -220,29 +225,35 @@ def train_step(state: TrainState, batch, *, cfg: Config, graphdef, tx, constrain
 def make_train_step(cfg: Config, graphdef, tx, mesh, shardings: TrainState,
                     grad_hook: Callable | None = None):
     """jitted ``step(state, batch) -> (state, metrics)``; ``grad_hook(grads, step)`` (tests:
-    fault injection) may rewrite the gradients inside the step."""
-    act = NamedSharding(mesh, P(sharding.RULES["batch"], None, None))
+    fault injection) may rewrite the gradients inside the step. Traced under ``mesh``
+    (k2jax.sharding.under_mesh), so the MoE layers dispatch expert-parallel on it."""
+    size = cfg.data.global_batch_size
+    act = sharding.batch_sharding(mesh, 3, size=size // cfg.train.micro_batches)
     step = functools.partial(
         train_step, cfg=cfg, graphdef=graphdef, tx=tx, grad_hook=grad_hook,
         constrain=lambda x: jax.lax.with_sharding_constraint(x, act))
-    batch_sh = sharding.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(shardings, {"inputs": batch_sh, "targets": batch_sh}),
+    batch_sh = sharding.batch_sharding(mesh, size=size)
+    return jax.jit(sharding.under_mesh(step, mesh),
+                   in_shardings=(shardings, {"inputs": batch_sh, "targets": batch_sh}),
                    out_shardings=(shardings, None), donate_argnums=0)
 
 
 def make_eval_step(cfg: Config, graphdef, mesh, shardings: TrainState):
-    """jitted ``eval(params, rest, batch) -> mean cross-entropy``."""
+    """jitted ``eval(params, rest, batch) -> mean cross-entropy``, traced under ``mesh``."""
 
     def ev(p, rest, batch):
         logits_BTV, _ = nnx.merge(graphdef, p, rest)(batch["inputs"])
         return cross_entropy(logits_BTV, batch["targets"])[1]["ce"]
 
-    batch_sh = sharding.batch_sharding(mesh)
-    return jax.jit(ev, in_shardings=(shardings.params, shardings.rest,
-                                     {"inputs": batch_sh, "targets": batch_sh}))
+    batch_sh = sharding.batch_sharding(mesh, size=cfg.data.global_batch_size)
+    return jax.jit(sharding.under_mesh(ev, mesh),
+                   in_shardings=(shardings.params, shardings.rest,
+                                 {"inputs": batch_sh, "targets": batch_sh}))
 
 
 def global_batch(local: dict, mesh) -> dict:
-    """This process's rows -> one global array per key, sharded over (data, fsdp)."""
-    sh = sharding.batch_sharding(mesh)
+    """This process's rows -> one global array per key, sharded over the batch axes
+    (k2jax.sharding.batch_sharding) that divide the global row count."""
+    rows = next(iter(local.values())).shape[0] * jax.process_count()
+    sh = sharding.batch_sharding(mesh, size=rows)
     return {k: jax.make_array_from_process_local_data(sh, v) for k, v in local.items()}

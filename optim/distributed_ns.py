@@ -15,8 +15,9 @@ touch the network:
    turned short side first, so a [D, F] and an [F, D] leaf share a shape;
 2. the k leaves that share (b, shape, dtype, sharding) are stacked on a new
    axis after the batch, [b, k, m, n], which needs no communication, and padded
-   with zero matrices along k until b·k divides by the device count (a zero
-   matrix stays zero under Newton–Schulz, so padding changes nothing);
+   with zero matrices until each shard of the batch axis holds a multiple of the
+   devices per shard (a zero matrix stays zero under Newton–Schulz, so padding
+   changes nothing);
 3. merged to [b·k, m, n], the stack is resharded so that its first axis is split
    over every mesh axis, those already splitting b first: one all-to-all per mesh
    axis that splits the rows or columns (one under fsdp alone, two under
@@ -33,11 +34,11 @@ stacking would only cost there.
 
 The cost of whole matrices: a shape with fewer matrices than devices leaves the
 devices past its count computing on zero padding, so each device pays for about
-Σ_shapes ⌈count/devices⌉ matrices instead of 1/devices of the total. Expert stacks
-(K2: 3 × 60 × 384 matrices) make that small at full depth; a shallow model on a large
-pod (DeepSeek-V3 at 4 layers on 256 chips: its 9 dense-MLP matrices, each done whole
-by one chip) does several times GSPMD's per-chip FLOPs, without GSPMD's collectives
-in every step (benchmarks/RESULTS.md has both).
+Σ_shapes ⌈count/devices⌉ matrices instead of 1/devices of the total. A scanned
+model's leaves are stacks of layers, so every count is at least the depth, and
+expert stacks (K2: 3 × 60 × 384 matrices) are large; a shallow model on a large pod
+(DeepSeek-V3 at 4 layers on 256 chips) still does several times GSPMD's per-chip
+FLOPs, without GSPMD's collectives in every step (benchmarks/RESULTS.md has both).
 """
 
 from __future__ import annotations
@@ -151,20 +152,28 @@ def _reshard_path(mesh, axes: tuple[Axes, Axes, Axes]) -> list[P]:
 
 def orthogonalize_group(mats: list, axes: tuple[Axes, Axes, Axes], mesh, **ns) -> list:
     """Newton–Schulz of k same-shape, same-sharding batches [b, m, n] (m ≤ n) as one stack
-    split over ``mesh`` (steps 2-5 of the module docstring)."""
+    split over ``mesh`` (steps 2-5 of the module docstring).
+
+    The b·k matrices are counted per shard of the batch axes (s of them: the mesh axes
+    already splitting b) and each shard's count padded up to a multiple of the devices
+    per shard, so a batch of 7 layers on 8 devices is padded by one matrix, not by 7."""
     b, m, n = mats[0].shape
     k = len(mats)
-    k_pad = k + -k % (mesh.size // math.gcd(b, mesh.size))
-    stack = jnp.stack(mats + [jnp.zeros_like(mats[0])] * (k_pad - k), axis=1)  # [b, k', m, n]
-    stack = _constrain(stack, mesh, _spec(axes[0], (), axes[1], axes[2]))
+    s = math.prod(mesh.shape[a] for a in axes[0])
+    inner = b // s * k
+    inner_pad = inner + -inner % (mesh.size // s)
+    stack = _constrain(jnp.stack(mats, axis=1), mesh, _spec(axes[0], (), axes[1], axes[2]))
+    flat = stack.reshape(s, inner, m, n)  # [s, b/s·k, m, n]: each batch shard's matrices
+    flat = jnp.pad(flat, ((0, 0), (0, inner_pad - inner), (0, 0), (0, 0)))
+    flat = flat.reshape(s * inner_pad, m, n)
     path = _reshard_path(mesh, axes)
-    flat = stack.reshape(b * k_pad, m, n)
     for spec in path:
         flat = _constrain(flat, mesh, spec)
     out = polar_factor(flat, **ns)
     for spec in path[::-1]:
         out = _constrain(out, mesh, spec)
-    out = _constrain(out.reshape(b, k_pad, m, n), mesh, _spec(axes[0], (), axes[1], axes[2]))
+    out = out.reshape(s, inner_pad, m, n)[:, :inner].reshape(b, k, m, n)
+    out = _constrain(out, mesh, _spec(axes[0], (), axes[1], axes[2]))
     return [out[:, j] for j in range(k)]
 
 

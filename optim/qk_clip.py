@@ -37,16 +37,19 @@ from optim.paths import flatten, path_str
 
 @dataclasses.dataclass(frozen=True)
 class ClipTarget:
-    """One weight touched by the clip of one layer's heads.
+    """One weight touched by the clip of one layer's heads, or of a stack of layers.
 
     ``slices`` are (start, stop, power) ranges of the *last* axis: entries in
-    [start, stop) of head h are multiplied by γ_h ** power.
+    [start, stop) of head h are multiplied by γ_h ** power. With ``layer_axis`` set,
+    the weight is a stack of consecutive layers (a scanned model's ``[L, ...]`` leaf):
+    index i of that axis is layer ``layer + i``.
     """
 
     path: str
     layer: int
     head_axis: int
     slices: tuple[tuple[int, int, float], ...]
+    layer_axis: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +79,24 @@ def clip_factors(attn_max_logits, tau: float):
     return clipped, gamma
 
 
-def _scale(w, target: ClipTarget, clipped_H, gamma_H):
-    """w with head h's slices multiplied by γ_h^power; other entries untouched (bit-identical)."""
-    shape = [1] * w.ndim
-    shape[target.head_axis] = w.shape[target.head_axis]
-    shape[-1] = w.shape[-1]
+def _scale(w, target: ClipTarget, clipped_LH, gamma_LH):
+    """w with each head's slices multiplied by γ_h^power (per layer for a stack); other
+    entries untouched (bit-identical)."""
+    rows = target.layer if target.layer_axis is None else slice(
+        target.layer, target.layer + w.shape[target.layer_axis])
+    clipped, gamma = clipped_LH[rows], gamma_LH[rows]  # [H] or [n, H]
     col = jnp.arange(w.shape[-1])
-    factor_HK = jnp.ones((w.shape[target.head_axis], w.shape[-1]), jnp.float32)
-    mask_HK = jnp.zeros(factor_HK.shape, bool)
+    factor = jnp.ones((*clipped.shape, w.shape[-1]), jnp.float32)  # [(n,) H, K]
+    mask = jnp.zeros(factor.shape, bool)
     for start, stop, power in target.slices:
-        in_slice = (col >= start) & (col < stop)
-        sel = clipped_H[:, None] & in_slice[None, :]
-        factor_HK = jnp.where(sel, gamma_H[:, None] ** power, factor_HK)
-        mask_HK = mask_HK | sel
-    factor = factor_HK.reshape(shape)
-    mask = mask_HK.reshape(shape)
+        sel = clipped[..., None] & ((col >= start) & (col < stop))
+        factor = jnp.where(sel, gamma[..., None] ** power, factor)
+        mask = mask | sel
+    axes = (() if target.layer_axis is None else (target.layer_axis,)) + (
+        target.head_axis, w.ndim - 1)
+    assert list(axes) == sorted(set(axes)), (target, w.shape)
+    shape = [w.shape[a] if a in axes else 1 for a in range(w.ndim)]
+    factor, mask = factor.reshape(shape), mask.reshape(shape)
     return jnp.where(mask, (w.astype(jnp.float32) * factor).astype(w.dtype), w), mask
 
 
@@ -101,7 +107,7 @@ def clip_params(params, attn_max_logits, layout: QKLayout, tau: float):
 
     def one(kp, w):
         t = targets.get(path_str(kp))
-        return w if t is None else _scale(w, t, clipped[t.layer], gamma[t.layer])[0]
+        return w if t is None else _scale(w, t, clipped, gamma)[0]
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -117,10 +123,17 @@ def clip_qk_logits(layout: QKLayout, tau: float = 100.0, *,
     shape = (layout.num_layers, layout.num_heads)
 
     def init(params):
-        found = set(flatten(params))
-        missing = sorted(set(targets) - found)
+        found = flatten(params)
+        missing = sorted(set(targets) - set(found))
         if missing:
             raise ValueError(f"qk_clip: layout paths not in the parameter tree: {missing}")
+        covered = set()
+        for t in layout.targets:
+            n = 1 if t.layer_axis is None else found[t.path].shape[t.layer_axis]
+            covered.update(range(t.layer, t.layer + n))
+        if covered != set(range(layout.num_layers)):
+            raise ValueError(f"qk_clip: the layout's weights hold layers {sorted(covered)}, "
+                             f"its max logits have {layout.num_layers} layers")
         return QKClipState(jnp.zeros(shape, bool), jnp.ones(shape, jnp.float32),
                            jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32))
 
@@ -141,7 +154,7 @@ def clip_qk_logits(layout: QKLayout, tau: float = 100.0, *,
             t = targets.get(path_str(kp))
             if t is None:
                 return u
-            new_p, mask = _scale(p + u, t, clipped[t.layer], gamma[t.layer])
+            new_p, mask = _scale(p + u, t, clipped, gamma)
             return jnp.where(mask, new_p - p, u)
 
         return jax.tree_util.tree_map_with_path(one, updates, params), new_state

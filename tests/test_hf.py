@@ -277,13 +277,13 @@ def test_fp8_block_quantized_weights_are_dequantized(tmp_path, block):
     d, want = _fp8_checkpoint(tmp_path, block)
     _, model = hf.load(d)
     _, ref = hf.load(_fixture("k2"))
-    q_b = np.asarray(model.layers[1].attn.q_b[...])
+    q_b = np.asarray(model.layer(1).attn.q_b[...])
     np.testing.assert_array_equal(q_b, want[FP8_NAMES[0]].T.reshape(q_b.shape))
-    np.testing.assert_array_equal(np.asarray(model.layers[2].moe.w_down[5]),
+    np.testing.assert_array_equal(np.asarray(model.layer(2).moe.w_down[5]),
                                   want[FP8_NAMES[1]].T)
-    np.testing.assert_array_equal(np.asarray(model.layers[2].moe.w_down[4]),
-                                  np.asarray(ref.layers[2].moe.w_down[4]))
-    err = np.abs(q_b - np.asarray(ref.layers[1].attn.q_b[...])).max()
+    np.testing.assert_array_equal(np.asarray(model.layer(2).moe.w_down[4]),
+                                  np.asarray(ref.layer(2).moe.w_down[4]))
+    err = np.abs(q_b - np.asarray(ref.layer(1).attn.q_b[...])).max()
     assert 0 < err < 0.05 * np.abs(q_b).max()  # quantized, not garbage
 
 
@@ -311,7 +311,7 @@ def test_fp8_scales_are_checked(tmp_path):
 def test_load_onto_a_mesh_equals_one_device():
     mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
     cfg, model = hf.load(_fixture("k2"), mesh=mesh)
-    w = model.layers[1].moe.w_gate[...]
+    w = model.moe_layers.moe.w_gate[...]
     assert len(w.sharding.device_set) == 8 and not w.sharding.is_fully_replicated
     want = np.load(os.path.join(_fixture("k2"), "expected.npz"))
     logits, _ = model(jnp.asarray(want["tokens"]))

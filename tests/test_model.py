@@ -111,7 +111,8 @@ def test_attention_and_max_logits_match_naive_reference(variant):
     _, aux = model(tokens)
     ref = mla_reference if cfg.attention == "mla" else mha_reference
     x = jnp.take(model.embed[...], tokens, axis=0)
-    for layer, block in enumerate(model.layers):
+    for layer in range(cfg.num_hidden_layers):
+        block = model.layer(layer)
         h = block.attn_norm(x)
         y, max_logit = block.attn(h)
         y_ref, max_ref = ref(block.attn, cfg, h)
@@ -192,7 +193,7 @@ def test_sharded_forward_equals_single_device(mesh_shape, variant):
     graphdef, state = nnx.split(model)
     shardings = sharding.variable_shardings(state, mesh)
     state = jax.device_put(state, shardings)
-    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    tokens_s = jax.device_put(tokens, sharding.batch_sharding(mesh, size=4))
 
     @jax.jit
     def fwd(state, tokens):
@@ -235,7 +236,7 @@ def transformer_reference(model, cfg, tokens):
     """The whole decoder in numpy: embedding, pre-norm residual blocks, final norm, head."""
     eps = cfg.rms_norm_eps
     x = _np(model.embed)[np.asarray(tokens)]
-    for block in model.layers:
+    for block in map(model.layer, range(cfg.num_hidden_layers)):
         x = x + mla_reference(block.attn, cfg, _rms(x, _np(block.attn_norm.scale), eps))[0]
         h = _rms(x, _np(block.ffn_norm.scale), eps)
         if hasattr(block, "mlp"):
@@ -253,12 +254,11 @@ def test_transformer_matches_numpy_reference(extra):
     cfg = presets.preset("tiny", "initializer_range=0.1", *extra)
     model = Transformer(cfg, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(0)
-    for block in model.layers:
-        if hasattr(block, "moe"):
-            block.moe.selection_bias[...] = jnp.asarray(rng.normal(size=cfg.n_routed_experts)
-                                                        * 0.05, jnp.float32)
-        for norm in (block.attn_norm, block.ffn_norm):
-            norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, cfg.hidden_size), jnp.float32)
+    bias = model.moe_layers.moe.selection_bias
+    bias[...] = jnp.asarray(rng.normal(size=bias.shape) * 0.05, jnp.float32)
+    for stack in (model.dense_layers, model.moe_layers):
+        for norm in (stack.attn_norm, stack.ffn_norm):
+            norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, norm.scale.shape), jnp.float32)
     tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, cfg.vocab_size)
     logits, _ = model(tokens)
     np.testing.assert_allclose(logits, transformer_reference(model, cfg, tokens),
@@ -274,5 +274,5 @@ def test_masked_targets_never_nan():
 
 def test_router_stays_float32():
     model = Transformer(presets.preset("tiny", "param_dtype=bfloat16"), rngs=nnx.Rngs(0))
-    assert model.layers[1].moe.router.dtype == jnp.float32
-    assert model.layers[1].moe.w_up.dtype == jnp.bfloat16
+    assert model.moe_layers.moe.router.dtype == jnp.float32
+    assert model.moe_layers.moe.w_up.dtype == jnp.bfloat16

@@ -126,3 +126,33 @@ def test_block_size_auto():
     assert moe.auto_block_size(8192, 64) == 64
     assert moe.auto_block_size(10, 8) == 8
     assert moe.auto_block_size(10**7, 8) == 256
+
+
+@pytest.mark.parametrize("impl", ["blocked", "ragged", "dense"])
+def test_padding_rows_contribute_nothing(impl):
+    """Expert id E marks a padding row (expert parallelism's receive buffer): its output
+    and every gradient through it are zero, and the other rows are as without it."""
+    ws = _weights()
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, 8, size=(24, 1))
+    pad = np.zeros(24, bool)
+    pad[[0, 5, 6, 23]] = True
+    idx[pad] = 8
+    x = jax.random.normal(jax.random.key(4), (24, 16))
+    fn = {"blocked": lambda *a: moe.experts_blocked(*a, block=4),
+          "ragged": moe.experts_ragged, "dense": moe.experts_dense}[impl]
+    ones = jnp.ones((24, 1))
+
+    def loss(x, ws, keep):
+        return jnp.sum(jnp.sin(fn(x, jnp.asarray(idx[keep]), ones[keep], *ws)))
+
+    y = fn(x, jnp.asarray(idx), ones, *ws)
+    assert not np.any(np.asarray(y)[pad])
+    np.testing.assert_allclose(np.asarray(y)[~pad],
+                               moe.experts_dense(x[~pad], jnp.asarray(idx[~pad]), ones[~pad],
+                                                 *ws), rtol=1e-5, atol=1e-5)
+    gx, gw = jax.grad(lambda x, ws: loss(x, ws, slice(None)), argnums=(0, 1))(x, ws)
+    assert not np.any(np.asarray(gx)[pad])
+    want = jax.grad(lambda ws: loss(x[~pad], ws, ~pad))(ws)
+    for a, b in zip(gw, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ def _expected_kind(path: str, shape) -> str:
     if path in ("embed", "lm_head") or name == "router" or name == "scale":
         return "adamw"
     if parent == "moe" and name in ("w_gate", "w_up", "w_down"):
-        return f"muon-experts-{shape[0]}"
+        return f"muon-experts-{shape[1]}"
     return "muon"
 
 
@@ -42,21 +42,24 @@ def test_partition_over_the_full_tree(preset):
     state = nnx.state(params.abstract_model(cfg), nnx.Param)
     part = optimizer.partition()
     n = {"adamw": 0, "muon": 0}
+    k, layers = cfg.first_k_dense_replace, cfg.num_hidden_layers
     for path, leaf in optim.paths.flatten(state).items():
         got = part.assign(path, leaf.shape)
         want = _expected_kind(path, leaf.shape)
         if want == "adamw":
             assert got == ADAMW, path
-        else:
+        else:  # every layer leaf is a stack [L, ...]: one matrix (or E) per layer
             assert isinstance(got, MatrixDims), path
             b, fi, fo = got.matrix_shape(leaf.shape)
-            assert b == (cfg.n_routed_experts if want.startswith("muon-experts") else 1), path
+            rows = k if path.startswith("dense_layers.") else layers - k
+            experts = cfg.n_routed_experts if want.startswith("muon-experts") else 1
+            assert b == rows * experts and leaf.shape[0] == rows, path
             assert fi * fo * b == np.prod(leaf.shape)
         n["adamw" if got == ADAMW else "muon"] += 1
-    layers = cfg.num_hidden_layers
-    assert n["muon"] == 5 * layers + 3 * layers + 3 * cfg.num_moe_layers  # attn, ffn, experts
+    stacks = (k > 0) + (layers > k)  # attn and ffn leaves per stack, experts in the MoE one
+    assert n["muon"] == 5 * stacks + 3 * stacks + 3 * (layers > k)
     text = part.describe(state)
-    assert re.search(r"layers\.1\.moe\.w_up\s+\(\d+, \d+, \d+\)\s+muon\s+\d+ x \[", text)
+    assert re.search(r"moe_layers\.moe\.w_up\s+\(\d+, \d+, \d+, \d+\)\s+muon\s+\d+ x \[", text)
 
 
 # tiny: 2 layers, 4 heads, hidden 64 (MHA head_dim 16); MLA nope 16, rope 8, v 16.
@@ -85,8 +88,10 @@ def test_qk_layout_slices(variant, alpha):
     cfg = presets.preset(*changes)
     layout = qk_layout(cfg, alpha)
     assert (layout.num_layers, layout.num_heads) == (2, 4)
-    want = [ClipTarget(t.path, layer, t.head_axis, t.slices) for layer in range(2)
-            for t in per_layer(f"layers.{layer}.attn.", alpha)]
+    # the layers are two stacks (dense, then MoE) with a leading layer axis
+    want = [ClipTarget(t.path, first, 2, t.slices, layer_axis=0)
+            for stack, first in (("dense_layers", 0), ("moe_layers", 1))
+            for t in per_layer(f"{stack}.attn.", alpha)]
     assert list(layout.targets) == want
     # every target is a leaf of the model with heads on head_axis and the slices inside its
     # last axis (kv_b's last axis is nope + v: the value columns are never scaled)
@@ -138,12 +143,13 @@ def test_build_optimizer_clips_at_the_configured_tau_and_alpha(monitor_only):
     assert float(clip.gamma[1, 2]) == pytest.approx(0.5)
     old, new = optim.paths.flatten(p), optim.paths.flatten(optax.apply_updates(p, u))
     changed = sorted(k for k in old if not np.array_equal(old[k], new[k]))
-    assert changed == ([] if monitor_only else ["layers.1.attn.kv_b", "layers.1.attn.q_b"])
+    assert changed == ([] if monitor_only else ["moe_layers.attn.kv_b",
+                                                 "moe_layers.attn.q_b"])  # layer 1 = MoE row 0
     if not monitor_only:
-        q, k = (np.asarray(new[f"layers.1.attn.{n}"][:, 2, :16]) for n in ("q_b", "kv_b"))
-        np.testing.assert_allclose(q, old["layers.1.attn.q_b"][:, 2, :16] * 0.5 ** 0.25,
+        q, k = (np.asarray(new[f"moe_layers.attn.{n}"][0, :, 2, :16]) for n in ("q_b", "kv_b"))
+        np.testing.assert_allclose(q, old["moe_layers.attn.q_b"][0, :, 2, :16] * 0.5 ** 0.25,
                                    rtol=1e-6)
-        np.testing.assert_allclose(k, old["layers.1.attn.kv_b"][:, 2, :16] * 0.5 ** 0.75,
+        np.testing.assert_allclose(k, old["moe_layers.attn.kv_b"][0, :, 2, :16] * 0.5 ** 0.75,
                                    rtol=1e-6)
 
 
@@ -168,11 +174,12 @@ def test_muon_switches_move_exactly_their_leaves(key):
         before, after = default.assign(path, leaf.shape), switched.assign(path, leaf.shape)
         if MUON_SWITCHES[key](path):
             assert before == ADAMW and isinstance(after, MatrixDims), path
-            assert after.matrix_shape(leaf.shape) == (1, *leaf.shape), path
+            rows = leaf.shape[0] if path.startswith(("dense_layers.", "moe_layers.")) else 1
+            assert after.matrix_shape(leaf.shape) == (rows, *leaf.shape[-2:]), path
             moved.append(path)
         else:
             assert after == before, path
-    assert len(moved) == (cfg.model.num_moe_layers if key == "muon_router" else 1)
+    assert len(moved) == 1  # one leaf; the router's is a stack of the MoE layers
     muon = [s for s in jax.tree.leaves(_abstract_state(cfg),
                                        is_leaf=lambda x: isinstance(x, MuonState))
             if isinstance(s, MuonState)]

@@ -34,12 +34,20 @@ def _setup(variant, seed=0):
         old, new = nnx.merge(graphdef, inputs_from, rest), nnx.merge(graphdef, p, rest)
         x = jnp.take(old.embed[...], tokens, axis=0)
         out = []
-        for old_block, new_block in zip(old.layers, new.layers):
+        for old_block, new_block in (
+                (old.layer(i), new.layer(i)) for i in range(cfg.num_hidden_layers)):
             out.append(new_block.attn(old_block.attn_norm(x))[1])
             x = old_block(x)[0]
         return jnp.stack(out)
 
     return cfg, p, max_logits
+
+
+def _layer_attn(p, cfg, layer: int) -> dict:
+    """Layer ``layer``'s attention weights {name: array} from the stacked parameters."""
+    k = cfg.first_k_dense_replace
+    stack, row = ("dense_layers", layer) if layer < k else ("moe_layers", layer - k)
+    return {n: v[...][row] for n, v in p[stack]["attn"].items() if isinstance(v, nnx.Variable)}
 
 
 def _zero_step(tx, p, s):
@@ -92,7 +100,7 @@ def test_mla_rope_key_untouched_and_value_slices_untouched():
     new_p, _ = _zero_step(tx, p, s)
     nope = cfg.qk_nope_head_dim
     for layer in range(cfg.num_hidden_layers):
-        old, new = p["layers"][layer]["attn"], new_p["layers"][layer]["attn"]
+        old, new = _layer_attn(p, cfg, layer), _layer_attn(new_p, cfg, layer)
         np.testing.assert_array_equal(new["kv_a"][...], old["kv_a"][...])  # shared RoPE key
         np.testing.assert_array_equal(new["kv_b"][...][..., nope:], old["kv_b"][...][..., nope:])
         g = np.asarray(tau / s[layer])
@@ -135,7 +143,7 @@ def test_non_finite_and_non_positive_logits_never_nan():
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(new_p))
     clipped = np.asarray(find_state(state).clipped)
     assert not clipped[0, 0] and not clipped[0, 1] and not clipped[1, 0] and not clipped[1, 1]
-    q_old, q_new = p["layers"][0]["attn"]["q_b"][...], new_p["layers"][0]["attn"]["q_b"][...]
+    q_old, q_new = _layer_attn(p, cfg, 0)["q_b"][...], _layer_attn(new_p, cfg, 0)["q_b"][...]
     np.testing.assert_array_equal(q_new[:, :2], q_old[:, :2])
 
 
@@ -146,6 +154,10 @@ def test_layout_errors():
     other = presets.preset("tiny", "num_hidden_layers=3")
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(other), partition=optimizer.partition())
     p = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    with pytest.raises(ValueError, match=r"hold layers \[0, 1\], its max logits have 3"):
+        tx.init(p)  # same paths, but the stacks are one layer short
+    no_q = qk_layout(presets.preset("tiny", "q_lora_rank=None"))
+    tx = optim.muonclip(1e-2, qk_layout=no_q, partition=optimizer.partition())
     with pytest.raises(ValueError, match="layout paths not in the parameter tree"):
         tx.init(p)
     tx = optim.muonclip(1e-2, qk_layout=qk_layout(cfg), partition=optimizer.partition())
@@ -184,7 +196,7 @@ def test_sharded_update_equals_unsharded():
     mesh = sharding.make_mesh(data=2, fsdp=2, expert=2)
     p_shard = sharding.variable_shardings(p, mesh)
     p_s = jax.device_put(p, p_shard)
-    t_s = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    t_s = jax.device_put(tokens, sharding.batch_sharding(mesh, size=4))
     p_out, s_out = run(p_s, t_s, jax.jit(step))
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(p_out))
     # Newton-Schulz amplifies float32 reduction-order differences along small singular
@@ -208,8 +220,8 @@ def test_clip_on_sharded_weights_gathers_nothing():
     hlo = clip.lower(p, s).compile().as_text()
     assert "all-gather" not in hlo and "all-reduce" not in hlo
     out = clip(p, s)
-    q_b = out["layers"][0]["attn"]["q_b"]
-    assert q_b.sharding.is_equivalent_to(p["layers"][0]["attn"]["q_b"].sharding, q_b.ndim)
+    q_b = out["dense_layers"]["attn"]["q_b"]
+    assert q_b.sharding.is_equivalent_to(p["dense_layers"]["attn"]["q_b"].sharding, q_b.ndim)
     assert not q_b.sharding.is_fully_replicated
 
 
@@ -237,7 +249,8 @@ def _head_logits(w, cfg, inputs):
     layer 0, on fixed random inputs to the projections (the query and key latents, and
     the shared RoPE key). RoPE rotates q and k by the same orthogonal map, so it is left
     out: it changes no scale."""
-    a = {k.removeprefix("layers.0.attn."): np.asarray(v, np.float64) for k, v in w.items()}
+    a = {k.removeprefix("dense_layers.attn."): np.asarray(v[0], np.float64)
+         for k, v in w.items()}
     if cfg.attention == "mha":
         q, k = (np.einsum("nd,dhk->hnk", inputs["x"], a[n]) for n in ("q_proj", "k_proj"))
         return q @ k.transpose(0, 2, 1)
@@ -262,14 +275,15 @@ def test_alpha_splits_gamma_and_the_logit_scales_by_gamma(variant, alpha):
     q_name, k_name = ("q_proj", "k_proj") if variant == "mha" else ("q_b", "kv_b")
     dq = cfg.mha_head_dim if variant == "mha" else cfg.qk_nope_head_dim
     for name, power in ((q_name, alpha), (k_name, 1 - alpha)):
-        key = f"layers.0.attn.{name}"
-        np.testing.assert_allclose(new[key][..., :dq], old[key][..., :dq]
+        key = f"dense_layers.attn.{name}"  # layer 0: row 0 of the dense stack
+        np.testing.assert_allclose(new[key][0, ..., :dq], old[key][0, ..., :dq]
                                    * (gamma ** power)[None, :, None], rtol=1e-5, atol=1e-8)
     rng = np.random.default_rng(0)
     inputs = {"x": rng.normal(size=(6, cfg.hidden_size)),
               "c_q": rng.normal(size=(6, cfg.q_lora_rank)),
               "c_kv": rng.normal(size=(6, cfg.kv_lora_rank)),
               "k_rope": rng.normal(size=(6, cfg.qk_rope_head_dim))}
-    layer0 = lambda flat: {k: v for k, v in flat.items() if k.startswith("layers.0.attn.")}  # noqa: E731
+    layer0 = lambda flat: {k: v for k, v in flat.items()  # noqa: E731
+                           if k.startswith("dense_layers.attn.")}
     before, after = _head_logits(layer0(old), cfg, inputs), _head_logits(layer0(new), cfg, inputs)
     np.testing.assert_allclose(after, before * gamma[:, None, None], rtol=1e-5, atol=1e-9)

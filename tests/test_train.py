@@ -89,12 +89,12 @@ def test_selection_biases_follow_layer_order():
     load_LE = jax.random.uniform(jax.random.key(1), (10, cfg.n_routed_experts)) * 100
     new = train.update_biases(rest, load_LE, 0.1, jnp.bool_(True))
     for i in range(10):
-        got = np.asarray(new["layers"][i + 2]["moe"]["selection_bias"][...])
+        got = np.asarray(new["moe_layers"]["moe"]["selection_bias"][...][i])
         want = update_selection_bias(jnp.zeros(cfg.n_routed_experts), load_LE[i], 0.1)
         np.testing.assert_array_equal(got, want)
     kept = train.update_biases(rest, load_LE, 0.1, jnp.bool_(False))
     assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(kept))
-    with pytest.raises(ValueError, match="10 selection biases for 9 MoE layers"):
+    with pytest.raises(ValueError, match="10 selection-bias rows for 9 MoE layers"):
         train.update_biases(rest, load_LE[:9], 0.1, jnp.bool_(True))
 
 

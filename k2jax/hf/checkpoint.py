@@ -12,7 +12,9 @@ so an interrupted save leaves nothing that looks like a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import os
 from typing import Any
 
@@ -222,8 +224,8 @@ def _listed(what: str, items: list[str], limit: int = 20) -> str:
 
 def _variable(ckpt: _Checkpoint, specs: list[Spec], like, sharding) -> jax.Array:
     """One k2jax variable, built device by device from the memory-mapped checkpoint:
-    each device's callback reads only the tensors its slice needs (for a stacked expert
-    variable, only its experts), so no process ever holds the whole model."""
+    each device's callback reads only the tensors its slice needs (for a stack of layers
+    or experts, only its own), so no process ever holds the whole model."""
     shape, dtype = like.shape, like.dtype
 
     def tensor(spec: Spec) -> np.ndarray:
@@ -234,11 +236,12 @@ def _variable(ckpt: _Checkpoint, specs: list[Spec], like, sharding) -> jax.Array
         return to_k2jax(x, spec, shape)
 
     def read(index) -> np.ndarray:
-        if specs[0].expert is None:
-            return np.asarray(tensor(specs[0])[index], dtype)
-        by_expert = {s.expert: s for s in specs}
-        return np.stack([np.asarray(tensor(by_expert[j])[index[1:]], dtype)
-                         for j in range(shape[0])[index[0]]])
+        n = len(specs[0].index)  # leading stack axes: one tensor per (layer[, expert])
+        by_index = {s.index: s for s in specs}
+        ranges = [range(shape[i])[index[i]] for i in range(n)]
+        parts = [np.asarray(tensor(by_index[at])[index[n:]], dtype)
+                 for at in itertools.product(*ranges)]
+        return np.stack(parts).reshape(*map(len, ranges), *parts[0].shape)
 
     return jax.make_array_from_callback(shape, sharding, read)
 
@@ -254,7 +257,7 @@ def _plan_shards(specs: list[Spec], leaves: dict, max_shard_bytes: int) -> list[
     size = 0
     for spec in specs:
         x = leaves[spec.path]
-        nbytes = x.nbytes // (x.shape[0] if spec.expert is not None else 1)
+        nbytes = x.nbytes // math.prod(x.shape[:len(spec.index)])
         if plan[-1] and size + nbytes > max_shard_bytes:
             plan.append([])
             size = 0
@@ -273,7 +276,7 @@ def _write(directory: str, plan: list[list[Spec]], leaves: dict, hf_config: dict
         tensors = {}
         for spec in shard:
             x = leaves[spec.path]
-            x = np.asarray(jax.device_get(x if spec.expert is None else x[spec.expert]))
+            x = np.asarray(jax.device_get(x[spec.index] if spec.index else x))
             tensors[spec.hf] = to_hf(x, spec)
             weight_map[spec.hf] = name
             total += x.nbytes

@@ -120,12 +120,14 @@ def config_from_hf(config: dict | str | os.PathLike, **overrides: Any) -> ModelC
 # ModelConfig fields a checkpoint does not determine: dispatch, dtypes, balancing, init.
 # hf.load lets the caller set only these; the rest must come from config.json.
 TRAINING_FIELDS = ("router_bias_update_rate", "aux_loss_alpha", "moe_impl", "moe_block_size",
-                   "dtype", "param_dtype", "initializer_range")
+                   "dtype", "param_dtype", "initializer_range", "scan_layers", "remat",
+                   "attention_impl", "attention_block_q", "attention_block_kv")
 
 # Fields of ModelConfig that are k2jax's (training, dispatch, numerics), not the architecture.
 _K2JAX_ONLY = {"attention", "num_key_value_heads", "head_dim", "qk_norm", "rope_scaling",
                "router_bias_update_rate", "moe_impl", "moe_block_size", "dtype",
-               "param_dtype"}
+               "param_dtype", "scan_layers", "remat", "attention_impl", "attention_block_q",
+               "attention_block_kv"}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -32,6 +32,7 @@ M     expert groups                         ``n_group``
 Y     groups kept per token                 ``topk_group``
 W     rows per block (blocked dispatch)     ``moe_block_size``
 Z     blocks (blocked dispatch)             --
+J     devices on the ``expert`` mesh axis   ``mesh.expert``
 =     ====================================  ================================================
 """
 

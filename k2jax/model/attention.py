@@ -18,7 +18,15 @@ Every call returns, besides the output, S_h = max over batch and causal
 (query, key) pairs of the pre-softmax logit, exactly the value the softmax
 sees (scale and YaRN mscale included). QK-Clip (Kimi K2, arXiv 2507.20534
 §2.1) consumes it after the optimizer step (k2jax/optimizer.py says where each
-head's weights live); it costs one max-reduction over logits computed anyway.
+head's weights live). ``cfg.attention_impl`` picks how it is computed:
+
+- ``reference``: :func:`causal_attention` on the whole [B, H, T, S] logit matrix, which
+  autodiff keeps for the backward pass; S_h is one more max-reduction over it. Simple,
+  and the tests' reference, but O(T²) memory per head.
+- ``chunked`` (the default): k2jax/model/flash.py, blockwise with an online softmax and
+  a hand-written backward pass, O(T) memory; S_h is the max of the online softmax's row
+  maxima. MLA feeds it q = [q^C; q^R] and k = [k^C; k^R broadcast over heads], whose dot
+  product is the sum of the two logit terms.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
-from k2jax.model import rope
+from k2jax.model import flash, rope
 from k2jax.model.layers import RMSNorm, dtypes, param
 
 
@@ -48,6 +56,27 @@ def _positions(x_BTD, positions_BT):
         return positions_BT
     b, t = x_BTD.shape[:2]
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def _chunked(cfg: ModelConfig, q_BTHK, k_BSHK, v_BSHU, scale: float, dt):
+    return flash.flash_attention(q_BTHK, k_BSHK, v_BSHU, scale=scale, dtype=dt,
+                                 block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+
+
+def _mla_attend(cfg: ModelConfig, q_nope_BTHP, qr_BTHR, k_nope_BSHP, kr_BSHR, v_BSHU, dt):
+    """MLA's logit q^C·k^C + q^R·k^R (kr's head axis may be 1: shared by all heads)."""
+    scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+    if cfg.attention_impl == "chunked":
+        kr_BSHR = jnp.broadcast_to(kr_BSHR, (*k_nope_BSHP.shape[:3], kr_BSHR.shape[-1]))
+        q_BTHK = jnp.concatenate([q_nope_BTHP, qr_BTHR], axis=-1)
+        k_BSHK = jnp.concatenate([k_nope_BSHP, kr_BSHR], axis=-1)
+        return _chunked(cfg, q_BTHK, k_BSHK, v_BSHU, scale, dt)
+    f32 = jnp.float32
+    logits_BHTS = (
+        jnp.einsum("bthp,bshp->bhts", q_nope_BTHP, k_nope_BSHP, preferred_element_type=f32)
+        + jnp.einsum("bthr,bshr->bhts", qr_BTHR, kr_BSHR, preferred_element_type=f32)
+    ) * scale
+    return causal_attention(logits_BHTS, v_BSHU, dt)
 
 
 # The latent norms use a fixed eps, whatever rms_norm_eps: DeepSeek-V3's reference code
@@ -111,12 +140,8 @@ class MLA(nnx.Module):
         cs = rope.cos_sin_scale(cfg.rope_scaling)
         qr_BTHR = rope.apply_rope(qr_BTHR, pos, inv_freq, cs)
         kr_BTHR = rope.apply_rope(kr_BTHR, pos, inv_freq, cs)
-        f32 = jnp.float32
-        logits_BHTS = (
-            jnp.einsum("bthp,bshp->bhts", q_nope_BTHP, k_nope_BTHP, preferred_element_type=f32)
-            + jnp.einsum("bthr,bshr->bhts", qr_BTHR, kr_BTHR, preferred_element_type=f32)
-        ) * rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
-        out_BTHU, max_logit_H = causal_attention(logits_BHTS, v_BTHU, dt)
+        out_BTHU, max_logit_H = _mla_attend(cfg, q_nope_BTHP, qr_BTHR, k_nope_BTHP, kr_BTHR,
+                                            v_BTHU, dt)
         y_BTD = jnp.einsum("bthu,hud->btd", out_BTHU, self.o[...].astype(dt))
         return y_BTD, max_logit_H
 
@@ -156,10 +181,13 @@ class MHA(nnx.Module):
         k_BTGK = rope.apply_rope(k_BTGK, pos, inv_freq, cs)
         k_BTHK = jnp.repeat(k_BTGK, group, axis=2)
         v_BTHU = jnp.repeat(v_BTGU, group, axis=2)
-        logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK,
-                                 preferred_element_type=jnp.float32)
-        logits_BHTS = logits_BHTS * rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
-        out_BTHU, max_logit_H = causal_attention(logits_BHTS, v_BTHU, dt)
+        scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+        if cfg.attention_impl == "chunked":
+            out_BTHU, max_logit_H = _chunked(cfg, q_BTHK, k_BTHK, v_BTHU, scale, dt)
+        else:
+            logits_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BTHK,
+                                     preferred_element_type=jnp.float32)
+            out_BTHU, max_logit_H = causal_attention(logits_BHTS * scale, v_BTHU, dt)
         y_BTD = jnp.einsum("bthu,hud->btd", out_BTHU, self.o[...].astype(dt))
         return y_BTD, max_logit_H
 

@@ -26,17 +26,25 @@ number of *active* experts. Three implementations compute the same function
   as with ``blocked``.
 - ``dense``: every expert on every token, masked: the reference for tests.
 
+When the trace runs under a mesh whose ``expert`` axis has more than one device (the
+jitted steps of k2jax.train enter it), the chosen implementation runs on each device
+for its own experts, after an all-to-all has brought it their tokens
+(k2jax.model.expert_parallel); routing and load statistics stay here, unchanged.
+
 Shape letters (k2jax.model docstring): N tokens, E experts, X experts per
 token, A = N·X assignments, M groups, Y groups kept, W rows per block, Z blocks.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from k2jax.config import ModelConfig
+from k2jax.model import expert_parallel
 from k2jax.model.layers import MLP, SelectionBias, dtypes, param
 
 
@@ -60,9 +68,10 @@ def route(logits_NE, bias_E, cfg: ModelConfig):
 
 
 def update_selection_bias(bias_E, load_E, rate: float):
-    """b ← b + rate·sign(mean load − load): raise under-loaded experts, lower over-loaded."""
+    """b ← b + rate·sign(mean load − load): raise under-loaded experts, lower over-loaded.
+    Leading axes (a stack of layers [L, E]) are independent rows."""
     load_E = load_E.astype(jnp.float32)
-    return bias_E + rate * jnp.sign(load_E.mean() - load_E)
+    return bias_E + rate * jnp.sign(load_E.mean(-1, keepdims=True) - load_E)
 
 
 def balance_loss(scores_BTE, idx_BTX, n_experts: int):
@@ -80,10 +89,11 @@ def _swiglu(x, w_gate, w_up, w_down, eq_in: str, eq_out: str):
 
 
 def experts_dense(x_ND, idx_NX, w_NX, w_gate_EDF, w_up_EDF, w_down_EFD):
-    """Reference: every expert on every token, then keep the routed ones (weights 0 elsewhere)."""
+    """Reference: every expert on every token, then keep the routed ones (weights 0
+    elsewhere; an id equal to E, a padding row, has no gate)."""
     y_NED = _swiglu(x_ND, w_gate_EDF, w_up_EDF, w_down_EFD, "nd,edf->nef", "nef,efd->ned")
     gates_NE = jnp.zeros((x_ND.shape[0], w_gate_EDF.shape[0]), jnp.float32)
-    gates_NE = gates_NE.at[jnp.arange(x_ND.shape[0])[:, None], idx_NX].add(w_NX)
+    gates_NE = gates_NE.at[jnp.arange(x_ND.shape[0])[:, None], idx_NX].add(w_NX, mode="drop")
     return jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), gates_NE)
 
 
@@ -105,7 +115,8 @@ def auto_block_size(n_assign: int, n_experts: int) -> int:
 
 def experts_blocked(x_ND, idx_NX, w_NX, w_gate_EDF, w_up_EDF, w_down_EFD, block: int = 0):
     """Exact dispatch as batched matmuls over Z expert-homogeneous blocks of W = ``block``
-    rows (0: ``auto_block_size``)."""
+    rows (0: ``auto_block_size``). An id equal to E marks a padding row (expert
+    parallelism's receive buffer): it is given no slot, so it adds nothing."""
     n, k = idx_NX.shape
     e, d = w_gate_EDF.shape[:2]
     a = n * k
@@ -116,33 +127,56 @@ def experts_blocked(x_ND, idx_NX, w_NX, w_gate_EDF, w_up_EDF, w_down_EFD, block:
     padded_end_E = jnp.cumsum(padded_E)
     padded_start_E = padded_end_E - padded_E
     start_E = jnp.cumsum(counts_E) - counts_E
-    sorted_expert_A = expert_A[order_A]
+    sorted_expert_A = jnp.minimum(expert_A[order_A], e - 1)
     rank_A = jnp.arange(a) - start_E[sorted_expert_A]
-    slot_of_sorted_A = padded_start_E[sorted_expert_A] + rank_A
+    slot_of_sorted_A = jnp.where(expert_A[order_A] < e, padded_start_E[sorted_expert_A] + rank_A,
+                                 n_blocks * block)  # padding: the zero row past the blocks
     slot_of_A = jnp.zeros(a, jnp.int32).at[order_A].set(slot_of_sorted_A.astype(jnp.int32))
     token_of_slot = jnp.full(n_blocks * block, n, jnp.int32).at[slot_of_A].set(
-        jnp.arange(a, dtype=jnp.int32) // k)  # [Z·W]
+        jnp.arange(a, dtype=jnp.int32) // k, mode="drop")  # [Z·W]
     block_expert_Z = jnp.minimum(
         jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"), e - 1)
     x_pad = jnp.concatenate([x_ND, jnp.zeros((1, d), x_ND.dtype)])  # row n: zeros
     x_ZWD = x_pad[token_of_slot].reshape(n_blocks, block, d)
     y_ZWD = _swiglu(x_ZWD, w_gate_EDF[block_expert_Z], w_up_EDF[block_expert_Z],
                     w_down_EFD[block_expert_Z], "zwd,zdf->zwf", "zwf,zfd->zwd")
-    y_AD = y_ZWD.reshape(n_blocks * block, d)[slot_of_A]
+    y_pad = jnp.concatenate([y_ZWD.reshape(n_blocks * block, d), jnp.zeros((1, d), y_ZWD.dtype)])
+    y_AD = y_pad[slot_of_A]
     return jnp.einsum("nxd,nx->nd", y_AD.reshape(n, k, d).astype(jnp.float32), w_NX)
 
 
 def experts_ragged(x_ND, idx_NX, w_NX, w_gate_EDF, w_up_EDF, w_down_EFD):
-    """Exact dispatch through ``jax.lax.ragged_dot`` grouped matmuls."""
+    """Exact dispatch through ``jax.lax.ragged_dot`` grouped matmuls. Padding rows (id E)
+    sort last, past every group, and are zeroed."""
     n, k = idx_NX.shape
-    _, order_A, counts_E = _sort_assignments(idx_NX, w_gate_EDF.shape[0])
+    expert_A, order_A, counts_E = _sort_assignments(idx_NX, w_gate_EDF.shape[0])
     counts_E = counts_E.astype(jnp.int32)
     xs_AD = x_ND[order_A // k]
     h = jax.nn.silu(jax.lax.ragged_dot(xs_AD, w_gate_EDF, counts_E)) * jax.lax.ragged_dot(
         xs_AD, w_up_EDF, counts_E)
     ys_AD = jax.lax.ragged_dot(h, w_down_EFD, counts_E)
+    ys_AD = jnp.where((expert_A[order_A] < w_gate_EDF.shape[0])[:, None], ys_AD, 0)
     y_AD = jnp.zeros_like(ys_AD).at[order_A].set(ys_AD)
     return jnp.einsum("nxd,nx->nd", y_AD.reshape(n, k, -1).astype(jnp.float32), w_NX)
+
+
+def routed_experts(x_ND, idx_NX, w_NX, weights, cfg: ModelConfig):
+    """Σ_x w·expert(x) [N, D] f32 by ``cfg.moe_impl``; expert-parallel (tokens to the
+    experts' devices, k2jax.model.expert_parallel) when the trace's mesh has ``expert`` > 1."""
+    impl = cfg.moe_impl
+    if impl == "auto":
+        impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+    ep = expert_parallel.plan(x_ND.shape[0], cfg.n_routed_experts)
+    block = cfg.moe_block_size
+    if ep is not None and impl == "blocked" and not block:
+        # W from the rows a device gets when load is balanced, not the worst-case buffer's
+        block = auto_block_size(x_ND.shape[0] // ep.n_token_shards * idx_NX.shape[1],
+                                cfg.n_routed_experts // ep.n_expert_devices)
+    local = {"dense": experts_dense, "ragged": experts_ragged,
+             "blocked": functools.partial(experts_blocked, block=block)}[impl]
+    if ep is None:
+        return local(x_ND, idx_NX, w_NX, *weights)
+    return expert_parallel.dispatch(x_ND, idx_NX, w_NX, *weights, local=local, ep=ep)
 
 
 class MoE(nnx.Module):
@@ -172,15 +206,7 @@ class MoE(nnx.Module):
                             precision=jax.lax.Precision.HIGHEST)
         idx_NX, w_NX, scores_NE = route(logits_NE, self.selection_bias[...], cfg)
         weights = [w[...].astype(dt) for w in (self.w_gate, self.w_up, self.w_down)]
-        impl = cfg.moe_impl
-        if impl == "auto":
-            impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
-        if impl == "dense":
-            y_ND = experts_dense(x_ND, idx_NX, w_NX, *weights)
-        elif impl == "ragged":
-            y_ND = experts_ragged(x_ND, idx_NX, w_NX, *weights)
-        else:
-            y_ND = experts_blocked(x_ND, idx_NX, w_NX, *weights, block=cfg.moe_block_size)
+        y_ND = routed_experts(x_ND, idx_NX, w_NX, weights, cfg)
         y_BTD = y_ND.reshape(b, t, d).astype(dt)
         if cfg.n_shared_experts:
             y_BTD = y_BTD + self.shared(x_BTD)
