@@ -166,7 +166,10 @@ def orthogonalize_group(mats: list, axes: tuple[Axes, Axes, Axes], mesh, **ns) -
     flat = stack.reshape(s, inner, m, n)  # [s, b/s·k, m, n]: each batch shard's matrices
     flat = jnp.pad(flat, ((0, 0), (0, inner_pad - inner), (0, 0), (0, 0)))
     flat = flat.reshape(s * inner_pad, m, n)
-    path = _reshard_path(mesh, axes)
+    # The padded stack never takes the leaves' own layout (path[0]): there its stack axis
+    # is whole on every device, which for a replicated leaf (K2's q_b, 60 matrices padded
+    # to 1,024) is the full padded stack per device. It goes straight to the first split.
+    path = _reshard_path(mesh, axes)[1:]
     for spec in path:
         flat = _constrain(flat, mesh, spec)
     out = polar_factor(flat, **ns)
