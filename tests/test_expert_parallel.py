@@ -54,11 +54,11 @@ def _one_vs_mesh(cfg, mesh, state=None, monkeypatch=None):
     return want, got, calls
 
 
-def _assert_close(got, want):
+def _assert_close(got, want, atol: float = 0.0):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         a, b = np.asarray(a), np.asarray(b)
         scale = float(np.abs(b).max()) if b.size else 0.0
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale,
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=max(atol, 1e-5 * scale),
                                    err_msg=jax.tree_util.keystr(path))
 
 
@@ -250,7 +250,11 @@ def test_selection_biases_after_a_step_equal_one_device():
         np.testing.assert_array_equal(a, b)
     for k in ("train/loss", "moe/load_imbalance"):
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, err_msg=k)
-    _assert_close(p8, p1)
+    # AdamW's first step moves each embedding entry by ~lr·g/|g|: where |g| is tiny, the
+    # float error of a gradient summed in another order shows (seen: 1.6e-6 on one entry
+    # of 32,768 on a clean CI clone), so the parameters get an absolute tolerance of
+    # 1e-3 of the lr (3e-3)
+    _assert_close(p8, p1, atol=3e-6)
 
 
 def test_no_mesh_or_one_expert_device_means_local_dispatch():

@@ -18,7 +18,9 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 def test_from_hf_equals_preset(name):
     """The published config.json files (tests/fixtures, copied from public sources, see
     scripts/hf_param_counts.py) read back as our presets, field for field."""
-    from_hf = hf.config_from_hf(f"{FIXTURES}/hf_config_{name}.json", dtype="bfloat16")
+    # the k2jax-only fields the pod presets set (k2jax/presets.py), given as overrides
+    from_hf = hf.config_from_hf(f"{FIXTURES}/hf_config_{name}.json", dtype="bfloat16",
+                                remat="full")
     assert from_hf == presets.preset(name)
 
 
@@ -63,7 +65,7 @@ def test_config_keys_mean_what_they_mean_to_transformers():
 
 def test_to_hf_round_trips_and_refuses_what_transformers_lacks():
     k2 = presets.preset("kimi-k2")
-    assert hf.config_from_hf(hf.config_to_hf(k2), dtype="bfloat16") == k2
+    assert hf.config_from_hf(hf.config_to_hf(k2), dtype="bfloat16", remat="full") == k2
     with pytest.raises(HFError, match="max_position_embeddings=4096 must equal"):
         hf.config_to_hf(presets.preset("small", "rope_scaling.factor=4"))
     with pytest.raises(HFError, match="MLA"):
