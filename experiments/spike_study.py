@@ -296,7 +296,10 @@ def _train_all(runs: list[Run], cfgs: dict, out: str, tau: float) -> list[dict]:
                           json.dumps(dataclasses.asdict(cfg), indent=2))
         print(f"[{i + 1}/{len(runs)}] {run.name}", flush=True)
         try:
-            loop.run(cfg, run_dir, progress=True)
+            if loop.run(cfg, run_dir, progress=True)["preempted"]:  # SIGTERM / Ctrl-C
+                print(f"stopped by a signal during {run.name} (checkpoint in {run_dir})",
+                      file=sys.stderr)
+                raise SystemExit(loop.PREEMPTED)
         except loop.TrainingError as e:
             print(f"  stopped: {e}", flush=True)
         summary.append(summarize(run_dir, run, tau, cfg.optimizer.qk_clip))

@@ -13,8 +13,9 @@ bad override, a crash, a divergence stop) is recorded with its one-line error an
 retried once: from its last checkpoint if it has one, else afresh with the failed
 attempt's directory kept beside it as ``NAME-HASH.failed-K``. The other members
 finish regardless; the exit status is 1 when any member failed, and a re-run tries
-the failed ones again. A run that exits early without an error (a preemption stop
-checkpoints and exits 0) is not finished either: it is resumed. Ctrl-C or SIGTERM
+the failed ones again. A member stopped by a signal (experiments.train saves a checkpoint
+and exits 75, "preempted") is recorded as ``preempted``, not failed: a re-run resumes it,
+and the sweep exits 75 when members were preempted and none failed. Ctrl-C or SIGTERM
 stops the sweep: no new attempt starts, running members get SIGTERM (they
 checkpoint and exit), and the next invocation picks up where it stopped.
 
@@ -48,6 +49,7 @@ import shlex
 import signal
 import sys
 
+from experiments import sweep_member
 from experiments import sweeps as studies
 from experiments.sweep_member import Job, command, execute, has_checkpoint, read_status, stop_all
 from experiments.sweep_ray import connect_ray, ray_options, run_ray
@@ -251,16 +253,18 @@ def _run(args, study, out: str, jobs: list[Job], todo: list[Job], ray) -> int:
         results.write()
         print("interrupted: re-run the same command to continue", file=sys.stderr)
         return 130
-    failed = [r for r in results.rows.values() if r.get("status") != "ok"]
-    status = 1 if failed else 0
+    failed = [r for r in results.rows.values() if r.get("status") not in ("ok", "preempted")]
+    preempted = [r for r in results.rows.values() if r.get("status") == "preempted"]
+    status = 1 if failed else sweep_member.PREEMPTED if preempted else 0
     if study.analyze is not None:
         try:
             study.analyze(sweeps.load(out), out)
         except Exception as e:  # noqa: BLE001  (the runs are done; say what failed)
             print(f"error: analysis failed: {type(e).__name__}: {e}", file=sys.stderr)
             status = 1
-    print(f"sweep: {len(jobs)} members, {len(jobs) - len(failed)} ok, {len(failed)} failed; "
-          f"results in {results.path}")
+    ok = len(jobs) - len(failed) - len(preempted)
+    print(f"sweep: {len(jobs)} members, {ok} ok, {len(failed)} failed, {len(preempted)} "
+          f"preempted (re-run to resume them); results in {results.path}")
     return status
 
 

@@ -21,6 +21,9 @@ from experiments import sweeps as studies
 from k2jax import atomic, sweeps
 from k2jax.config import from_file
 
+PREEMPTED = 75  # experiments.train's exit status for a stop by signal after a checkpoint
+# (k2jax.loop.PREEMPTED; not imported: that would load jax into the sweep driver)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RETRIES = 1
 STOP = threading.Event()  # set by stop_all(): no new attempt starts
@@ -151,6 +154,9 @@ def _attempt(job: Job, run_dir: str, logs: str) -> tuple[int, str]:
         finally:
             with _LOCK:
                 RUNNING.discard(proc)
+    if rc == PREEMPTED:  # checkpointed and stopped: to be resumed, not a failure
+        where = _unfinished(run_dir).removesuffix(" (preempted?)")
+        return rc, f"preempted: {where or 'stopped by a signal'}"
     return rc, _error_line(log_path, rc) if rc else _unfinished(run_dir)
 
 
@@ -169,7 +175,8 @@ def execute(job: Job) -> dict:
     this member's error."""
     run_dir, status_path, logs = _paths(job)
     before = read_status(job)
-    attempts, t0, error = int(before.get("attempts", 0)), time.time(), "interrupted"
+    attempts, t0 = int(before.get("attempts", 0)), time.time()
+    error = "preempted: the sweep stopped before it ran"
     try:
         os.makedirs(logs, exist_ok=True)
         if not before and _finished_unrecorded(run_dir):
@@ -183,7 +190,8 @@ def execute(job: Job) -> dict:
                 break
     except Exception as e:  # noqa: BLE001  (isolation: one member's failure, not the sweep's)
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    status = {"status": "failed" if error else "ok", "error": error, "attempts": attempts,
+    outcome = "preempted" if error.startswith("preempted") else "failed" if error else "ok"
+    status = {"status": outcome, "error": error, "attempts": attempts,
               "wall_s": round(float(before.get("wall_s", 0.0)) + time.time() - t0, 2),
               "overrides": shlex.join(job.member.overrides)}
     try:

@@ -8,11 +8,17 @@ Kimi-K2 checkpoint directory: its architecture, initialised from its weights
 data.source=text data.paths=corpus/*.txt mesh.fsdp=4``.
 
 DIR receives ``config.json`` (the resolved config), ``metrics.jsonl``, TensorBoard
-events under ``tb/`` and ``checkpoints/``. A non-empty DIR is refused unless
-``--resume``, which continues from its latest checkpoint with its ``config.json``
-(only ``train.*`` keys may then be overridden, e.g. more steps). Every config,
-path and workdir problem is reported in one line, with exit status 2, before
-anything is written.
+events under ``tb/`` and ``checkpoints/``; one run holds it at a time (k2jax.workdir_lock).
+A non-empty DIR is refused unless ``--resume``, which continues with its ``config.json``
+from its newest checkpoint that restores (corrupt ones are named and passed over), or
+from step 0 if it has none yet. On resume only the keys in :data:`RESUMABLE` may change;
+``train.steps`` only where the lr schedule at the resumed step stays the same (e.g. WSD's
+stable phase), or with ``--stretch-schedule``.
+
+Exit status: 0 done; 1 the run failed while training (non-finite stop, data error);
+2 bad input, found before anything is written (config, paths, data, mesh, a busy
+workdir, checkpoints that do not restore); 75 (``loop.PREEMPTED``) stopped by SIGTERM or
+Ctrl-C after saving a checkpoint: resumable with ``--resume``.
 
 Multi-host: set ``mesh.distributed=true`` (TPU pods: nothing else; CPU/GPU hosts:
 ``mesh.coordinator_address=HOST:PORT mesh.num_processes=N mesh.process_id=I``)
@@ -22,17 +28,26 @@ and start the same command on every host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+import warnings
 
 import jax
 from jax.experimental import multihost_utils
 
-from k2jax import atomic, hf, loop, overrides, presets
+from k2jax import atomic, hf, loop, optimizer, overrides, preflight, presets, workdir_lock
+from k2jax.checkpoint import CheckpointError, PreemptionGuard, quiet_save_threads
 from k2jax.config import Config, ConfigError, TrainConfig, suggest
 from k2jax.data import DataError, sources
+
+RESUMABLE = (  # what --resume may change; everything else is the run's config.json
+    "train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
+    "train.histogram_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.final_checkpoint", "train.max_nonfinite_steps", "train.peak_flops",
+    "optimizer.lr", "optimizer.adam_lr_ratio")
 
 
 def _fail(msg: str) -> None:
@@ -57,11 +72,14 @@ def resolve(args) -> Config:
     """The run's config, checked completely (including data paths) before any write."""
     cfg_path = os.path.join(args.workdir, "config.json")
     if args.resume:
+        if args.config is not None:
+            _fail(f"--resume continues with {cfg_path}; --config cannot be used with it")
         if not os.path.isfile(cfg_path):
             _fail(f"--resume: {cfg_path} does not exist (nothing to resume)")
-        bad = [o for o in args.overrides if not o.strip().startswith("train.")]
+        bad = [o for o in args.overrides if o.split("=", 1)[0].strip() not in RESUMABLE]
         if bad:
-            _fail(f"--resume: only train.* keys may change on resume, got {bad[0]!r}")
+            _fail(f"--resume: {bad[0].split('=', 1)[0]!r} cannot change on resume (only "
+                  f"{', '.join(RESUMABLE)})")
         cfg = presets.load(cfg_path, args.overrides)
     else:
         if args.config is None:
@@ -103,15 +121,62 @@ def write_config(cfg: Config, workdir: str, resume: bool) -> None:
     atomic.write_text(path, text)
 
 
+def check_resume(stored: Config, cfg: Config, start: int, stretch: bool) -> str:
+    """What the restored step ``start`` allows: ``train.steps`` not below it, and a schedule
+    horizon that moves only where the lr at ``start`` is unchanged, or with ``stretch``.
+    Returns a note to print when the horizon moves ("" otherwise)."""
+    if cfg.train.steps < start:
+        raise ConfigError(f"train.steps={cfg.train.steps} is below the checkpoint's step "
+                          f"{start}")
+    before, after = (float(optimizer.learning_rate(c, peak=1.0)(start)) for c in (stored, cfg))
+    if before != after and not stretch:
+        raise ConfigError(
+            f"train.steps {stored.train.steps} -> {cfg.train.steps} moves the "
+            f"{cfg.optimizer.schedule} schedule's horizon: its lr at step {start} would jump "
+            f"{before:.3g} -> {after:.3g} x optimizer.lr; pass --stretch-schedule to accept")
+    if stored.train.steps == cfg.train.steps or cfg.optimizer.schedule == "constant":
+        return ""
+    return (f"note: train.steps {stored.train.steps} -> {cfg.train.steps}: the "
+            f"{cfg.optimizer.schedule} lr schedule now ends at step {cfg.train.steps} (lr at "
+            f"step {start}: {before:.3g} -> {after:.3g} x optimizer.lr)")
+
+
+def _start(args, cfg: Config, stack: contextlib.ExitStack) -> loop.Session:
+    """Lock the workdir and restore (resume) or initialise the run; writes nothing but the
+    lock's note. Every failure here is bad input: one line, exit 2."""
+    first = jax.process_index() == 0
+    try:
+        if args.resume and first:  # the workdir exists: hold it before reading checkpoints
+            stack.enter_context(workdir_lock.hold(args.workdir))
+        s = loop.setup(cfg, args.workdir, resume=args.resume, on_skip=lambda step, why: print(
+            f"warning: checkpoint step {step} skipped: {why}", file=sys.stderr))
+        if args.resume:
+            stored = presets.load(os.path.join(args.workdir, "config.json"), [])
+            if note := check_resume(stored, cfg, s.start, args.stretch_schedule):
+                print(note, file=sys.stderr)
+        elif first:
+            stack.enter_context(workdir_lock.hold(args.workdir, create=True))
+            if (why := atomic.occupied(args.workdir)) is not None:  # another run got here first
+                raise ConfigError(f"--workdir {why}")
+    except (ConfigError, DataError, CheckpointError, workdir_lock.Busy) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"--workdir {args.workdir}: {e.strerror or e}")
+    return s
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="preset name, config JSON file or HF checkpoint directory")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stretch-schedule", action="store_true",
+                    help="on --resume, accept a train.steps that moves the lr schedule")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line
     try:
         cfg = resolve(args)
     except ConfigError as e:
@@ -119,15 +184,34 @@ def main(argv=None) -> int:
     if cfg.mesh.distributed:
         m = cfg.mesh
         jax.distributed.initialize(m.coordinator_address, m.num_processes, m.process_id)
-    loop.enable_compilation_cache()
-    multihost_utils.sync_global_devices("k2jax: config checked")  # no host writes before
-    write_config(cfg, args.workdir, args.resume)
     try:
-        summary = loop.run(cfg, args.workdir, resume=args.resume,
-                           progress=not args.no_progress)
-    except (loop.TrainingError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        preflight.check(cfg, args.workdir, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    loop.enable_compilation_cache()
+    quiet_save_threads()
+    with contextlib.ExitStack() as stack:
+        guard = stack.enter_context(PreemptionGuard())  # Ctrl-C from here saves
+        s = _start(args, cfg, stack)
+        if s.start >= cfg.train.steps:
+            print(f"nothing to do: {args.workdir} is at step {s.start} of {cfg.train.steps}")
+            return 0
+        multihost_utils.sync_global_devices("k2jax: config checked")  # no host writes before
+        write_config(cfg, args.workdir, args.resume)
+        try:
+            summary = loop.train_loop(cfg, args.workdir, s, guard, progress=not args.no_progress)
+        except (loop.TrainingError, DataError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return _report(args, summary)
+
+
+def _report(args, summary: dict) -> int:
+    if summary["preempted"]:
+        print(f"preempted at step {summary['step']}: checkpoint step {summary['checkpoint']} "
+              f"saved; continue with: python -m experiments.train --workdir {args.workdir} "
+              f"--resume", file=sys.stderr)
+        return loop.PREEMPTED
     if jax.process_index() == 0:
         last = summary["last"]
         print(f"done: step {summary['step']}, loss {last.get('train/loss', float('nan')):.4f}, "

@@ -38,13 +38,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def occupied(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot become a new output directory (it is a file, or a directory
-    with something in it), or None when it is absent or empty."""
+    with something in it), or None when it is absent or empty (a lone ``.lock``, the
+    note a killed run's workdir lock leaves (k2jax.workdir_lock), counts as empty)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         return None
     if not os.path.isdir(path):
         return f"{path} exists and is not a directory"
-    if os.listdir(path):
+    if set(os.listdir(path)) - {".lock"}:
         return f"{path} is not empty"
     return None
 

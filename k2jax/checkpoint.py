@@ -19,8 +19,12 @@ must call ``save`` / ``restore`` (they are collective).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
+import threading
+import traceback
 from typing import Any
 
 import grain
@@ -31,6 +35,11 @@ from flax import nnx
 
 class CheckpointError(ValueError):
     """No checkpoint, a checkpoint that does not fit the requested state, or a clobber."""
+
+
+class Incompatible(CheckpointError):
+    """A readable checkpoint of another shape than the requested state (another config):
+    not skipped as corrupt, since every older checkpoint would differ the same way."""
 
 
 def _is_state(x) -> bool:
@@ -70,12 +79,52 @@ def _check_fits(stored, abstract, where: str) -> None:
     want = ocp.tree.to_flat_dict(abstract, sep="/")
     for path in sorted(set(have) ^ set(want)):
         side = "checkpoint" if path in have else "requested state"
-        raise CheckpointError(f"{where}: '{path}' is only in the {side}")
+        raise Incompatible(f"{where}: '{path}' is only in the {side}")
     for path in sorted(want):
         h, w = have[path], want[path]
         if tuple(h.shape) != tuple(w.shape) or h.dtype != w.dtype:
-            raise CheckpointError(f"{where}: '{path}' is {h.dtype}{list(h.shape)} in the "
-                                  f"checkpoint but {w.dtype}{list(w.shape)} was requested")
+            raise Incompatible(f"{where}: '{path}' is {h.dtype}{list(h.shape)} in the "
+                               f"checkpoint but {w.dtype}{list(w.shape)} was requested")
+
+
+def quiet_save_threads() -> None:
+    """Keep orbax's background saves from printing their tracebacks (a full disk gave
+    dozens to thousands, racing with the exit): the same error reaches the training
+    loop as a one-line CheckpointError (:meth:`Checkpointer.check`, ``wait``, ``save``).
+    Silenced: exceptions in threads running orbax code, ERROR records of the absl and
+    asyncio loggers about orbax, and tensorstore's callbacks into orbax's closed event
+    loop. Everything else keeps the default hooks."""
+    def from_orbax(tb) -> bool:
+        return any("orbax" in f.filename for f in traceback.extract_tb(tb))
+
+    thread_hook, main_hook = threading.excepthook, sys.excepthook
+    threading.excepthook = lambda a: None if from_orbax(a.exc_traceback) else thread_hook(a)
+
+    def hook(kind, value, tb) -> None:
+        closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        if not (closed or from_orbax(tb)):
+            main_hook(kind, value, tb)
+    sys.excepthook = hook
+    raw = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if (
+        isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+        or from_orbax(u.exc_traceback)) else raw(u)
+
+    def keep(r: logging.LogRecord) -> bool:
+        about = "orbax" in r.pathname or "orbax" in r.getMessage() or (
+            r.exc_info is not None and from_orbax(r.exc_info[2]))
+        return r.levelno < logging.ERROR or not about
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(keep)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one short line (orbax and tensorstore errors run to many)."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else ""
+    if len(line) > 300:  # the head says what failed, the tail why (e.g. "File too large")
+        line = f"{line[:120]} ... {line[-160:]}"
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 class Checkpointer:
@@ -86,13 +135,16 @@ class Checkpointer:
             raise CheckpointError(f"save_every={save_every} and keep={keep} must be >= 1")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        # create=False: nothing is written before the first save (a run that fails its
+        # checks, or a second run on a busy workdir, leaves no trace).
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                                enable_async_checkpointing=async_save)
         # Handlers named up front so a fresh manager (a resumed run) can read metadata.
-        handlers = {"state": ocp.StandardCheckpointHandler(),
-                    "data": grain.checkpoint.CheckpointHandler()}
+        self._handlers = {"state": ocp.StandardCheckpointHandler(),
+                          "data": grain.checkpoint.CheckpointHandler()}
+        self._options = options
         self._mngr = ocp.CheckpointManager(self.directory, options=options,
-                                           item_handlers=handlers)
+                                           item_handlers=self._handlers)
 
     def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
         """Save if ``step`` is a multiple of ``save_every``, if ``force`` (final step, SIGTERM)
@@ -107,6 +159,7 @@ class Checkpointer:
         if latest is not None and step <= latest:
             raise CheckpointError(f"step {step} <= latest checkpoint step {latest} in "
                                   f"{self.directory}; refusing to overwrite (another run?)")
+        os.makedirs(self.directory, exist_ok=True)
         items = {"state": ocp.args.StandardSave(_to_pure(state))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -114,22 +167,50 @@ class Checkpointer:
             return self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
         except ocp.checkpoint_manager.StepAlreadyExistsError as e:
             raise CheckpointError(f"{self.directory}: {e}") from None
+        except Exception as e:  # noqa: BLE001  (e.g. the disk is full: one line, not orbax's)
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
+                                  f"{_one_line(e)}") from e
 
-    def restore(self, abstract_state, data_iterator=None, step: int | None = None):
-        """(state, step) from ``step`` (default: the latest), shaped and sharded like
-        ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves with ``.sharding``, or arrays);
-        resharding to a different mesh is fine. ``data_iterator`` is set in place."""
+    def restore(self, abstract_state, data_iterator=None, step: int | None = None,
+                on_skip=None):
+        """(state, step), shaped and sharded like ``abstract_state`` (``jax.ShapeDtypeStruct``
+        leaves with ``.sharding``, or arrays); resharding to a different mesh is fine.
+        ``data_iterator`` is set in place.
+
+        ``step`` None: the newest checkpoint that restores. A corrupt or incomplete one
+        (truncated array file, emptied step directory, no ``state/``) is skipped, newest
+        first, each with ``on_skip(step, why)`` (one line); none is deleted. Raises
+        CheckpointError (one line) when there is no checkpoint or none restores, and
+        :class:`Incompatible` at once for one that reads but has another shape."""
         self.wait()
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
-                                  f"(have {steps})")
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
+                                      f"(have {steps})")
+            return self._restore(step, abstract_state, data_iterator), step
+        why = {}
+        for s in reversed(steps):
+            try:
+                return self._restore(s, abstract_state, data_iterator), s
+            except Incompatible:
+                raise
+            except Exception as e:  # noqa: BLE001  (any failure to read a step means: skip it)
+                why[s] = _one_line(e)
+                if on_skip is not None:
+                    on_skip(s, why[s])
+        newest = steps[-1]
+        raise CheckpointError(f"none of the {len(steps)} checkpoints in {self.directory} "
+                              f"restores (step {newest}: {why[newest]})")
+
+    def _restore(self, step: int, abstract_state, data_iterator):
         where = f"{self.directory} step {step}"
         target = jax.tree.map(_abstract, _to_pure(abstract_state))
         stored = self._mngr.item_metadata(step)
+        if stored is None or stored.get("state") is None:
+            raise CheckpointError(f"{where} has no state")
         _check_fits(stored["state"], target, where)
         items = {"state": ocp.args.StandardRestore(target)}
         if data_iterator is not None:
@@ -140,7 +221,29 @@ class Checkpointer:
             restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
         except ValueError as e:
             raise CheckpointError(f"{where}: {str(e).splitlines()[0]}") from e
-        return _from_pure(abstract_state, restored["state"]), step
+        return _from_pure(abstract_state, restored["state"])
+
+    def set_aside(self, after: int) -> list[str]:
+        """Move every step directory newer than ``after`` (ones :meth:`restore` skipped)
+        to ``<directory>.skipped/``, so the run can save those steps again; returns the new
+        paths. Nothing is deleted."""
+        self.wait()
+        moved = []
+        for s in self.all_steps():
+            if s > after:
+                dest = os.path.join(f"{self.directory}.skipped", str(s))
+                k = 1
+                while os.path.exists(dest):
+                    dest = os.path.join(f"{self.directory}.skipped", f"{s}-{k}")
+                    k += 1
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                os.replace(os.path.join(self.directory, str(s)), dest)
+                moved.append(dest)
+        if moved:  # a fresh manager: orbax caches the steps it has seen
+            self._mngr.close()
+            self._mngr = ocp.CheckpointManager(self.directory, options=self._options,
+                                               item_handlers=self._handlers)
+        return moved
 
     def reached_preemption(self, step: int) -> bool:
         """jax's multi-host preemption sync point: every process agrees on the same ``step``
@@ -153,9 +256,22 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
 
+    def check(self) -> None:
+        """Raise a finished async save's error now (one line), not at the next save."""
+        try:
+            self._mngr.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
+                                  f"{_one_line(e)}") from e
+
     def wait(self) -> None:
-        """Block until in-flight async saves are committed (and raise their errors)."""
-        self._mngr.wait_until_finished()
+        """Block until in-flight async saves are committed; their errors (a full disk)
+        surface here, or at the next save, as one-line CheckpointErrors."""
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"saving a checkpoint in {self.directory} failed: "
+                                  f"{_one_line(e)}") from e
 
     def close(self) -> None:
         self._mngr.close()
@@ -168,27 +284,31 @@ class Checkpointer:
 
 
 class PreemptionGuard:
-    """While active, SIGTERM only sets ``requested``; the loop polls it, saves with
-    ``force=True`` and exits cleanly. A handler that did real work could run mid-step (or
-    mid-save) in the main thread. Multi-host runs should also poll
+    """While active, SIGTERM and SIGINT (Ctrl-C) only set ``requested``; the loop polls it,
+    saves with ``force=True`` and exits as preempted. A handler that did real work could run
+    mid-step (or mid-save) in the main thread. A second Ctrl-C interrupts at once
+    (KeyboardInterrupt). Multi-host runs should also poll
     ``Checkpointer.reached_preemption``, since hosts may see the signal at different steps."""
 
-    def __init__(self, signum: int = signal.SIGTERM):
-        self.signum = signum
-        self._requested = False
-        self._previous: Any = None
+    def __init__(self, signums=(signal.SIGTERM, signal.SIGINT)):
+        self.signums = tuple(signums)
+        self.signal: int | None = None  # the first one received
+        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
-        return self._requested
+        return self.signal is not None
 
     def _handle(self, signum, frame) -> None:
-        self._requested = True
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the save
+        self.signal = self.signal or signum
 
     def __enter__(self) -> PreemptionGuard:
-        self._previous = signal.signal(self.signum, self._handle)
+        for signum in self.signums:
+            self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        previous = signal.SIG_DFL if self._previous is None else self._previous  # not set by Python
-        signal.signal(self.signum, previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import os
 import types
 import typing
@@ -314,6 +315,8 @@ RENAMED = {
 }
 # Keys that are gone: (the old value, still read as today's default; what to use instead).
 RETIRED = {"optimizer.adam_lr": (None, "optimizer.adam_lr_ratio (= AdamW-group lr / optimizer.lr)")}
+to_dict = dataclasses.asdict
+field_types = functools.cache(typing.get_type_hints)  # {field name: type} of a config class
 
 
 def _check_fields(cfg, prefix: str, positive=(), non_negative=(), below_one=(), unit=()) -> None:
@@ -331,10 +334,11 @@ def _check_fields(cfg, prefix: str, positive=(), non_negative=(), below_one=(), 
             _check(value in choices, key, value, f"must be one of {', '.join(map(repr, choices))}")
         elif inner is bool:
             _check(isinstance(value, bool), key, value, "must be true or false")
-        elif inner in (int, float):  # a JSON file can hold anything
+        elif inner in (int, float):  # a JSON file can hold anything, Infinity included
             kinds = int if inner is int else int | float
             _check(isinstance(value, kinds) and not isinstance(value, bool), key, value,
                    f"must be {'an integer' if inner is int else 'a number'}")
+            _check(isinstance(value, int) or math.isfinite(value), key, value, "must be finite")
         elif inner is str:
             _check(isinstance(value, str), key, value, "must be a string")
         elif typing.get_origin(inner) is tuple:
@@ -346,11 +350,6 @@ def _check_fields(cfg, prefix: str, positive=(), non_negative=(), below_one=(), 
                            (unit, lambda v: 0 <= v <= 1, "must be in [0, 1]")):
         for name, value in ((n, getattr(cfg, n)) for n in names):
             _check(value is None or ok(value), prefix + name, value, why)
-
-
-@functools.cache
-def field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def unwrap_optional(tp):
@@ -376,25 +375,25 @@ def from_dict(cls, values: dict, prefix: str = ""):
             if prefix + key in RETIRED and value == RETIRED[prefix + key][0]:
                 continue  # an old config.json's default: what today's default means
             raise unknown_key(cls, key, prefix)
-        inner, _ = unwrap_optional(types_[key])
+        inner, optional = unwrap_optional(types_[key])
         if dataclasses.is_dataclass(inner) and isinstance(value, dict):
             value = from_dict(inner, value, prefix=f"{prefix}{key}.")
+        elif dataclasses.is_dataclass(inner):  # a JSON file can hold anything
+            _check(isinstance(value, inner) or optional and value is None, prefix + key, value,
+                   f"expected an object of {inner.__name__} fields")
         elif typing.get_origin(inner) is tuple and isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
 
 
-to_dict = dataclasses.asdict
-
-
 def from_file(path: str | os.PathLike) -> Config:
     """A run config from a JSON file (every run writes its resolved ``config.json``)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return from_dict(Config, values)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -19,9 +20,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from k2jax import checkpoint, data, metrics, sharding, train
+from k2jax import checkpoint, data, metrics, sharding, train, workdir_lock
 from k2jax import optimizer as optimizer_lib
 from k2jax.config import Config
+
+PREEMPTED = 75  # exit status of a run stopped by SIGTERM / SIGINT after its checkpoint
+# was saved: resumable (sysexits' EX_TEMPFAIL, "try again later").
 
 
 class TrainingError(RuntimeError):
@@ -56,30 +60,35 @@ class Session:
     step_fn: Any
     eval_fn: Any
     ckpt: checkpoint.Checkpointer
+    resume: bool = False  # continuing a workdir (from `start`, 0 if it had no checkpoint)
 
 
-def setup(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None) -> Session:
+def setup(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None,
+          on_skip=None) -> Session:
     """Mesh, optimizer, data, state (fresh, from a Hugging Face checkpoint, or restored
-    with the config's lr) and the compiled step and eval functions."""
+    with the config's lr) and the step and eval functions. Writes nothing.
+
+    On ``resume`` the state is the newest checkpoint that restores (``on_skip(step, why)``
+    for each corrupt one passed over; CheckpointError when none does), or a fresh one
+    from step 0 when the workdir has no checkpoint yet (a run that died before its
+    first save): a workdir with a config can always be resumed."""
     mesh = make_mesh(cfg)
     tx = optimizer_lib.build_optimizer(cfg, mesh)
-    train_it, tok = data.make_iterator(cfg.data, "train")
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise TrainingError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                            f"{tok.name} tokenizer's {tok.vocab_size}")
+    train_it, _ = data.make_iterator(cfg.data, "train")
     state, shardings, graphdef = train.init_state(cfg, tx, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                    save_every=cfg.train.checkpoint_every,
                                    keep=cfg.train.keep_checkpoints)
-    start = 0
-    if cfg.train.init_from and not resume:
+    start, restore = 0, resume and bool(ckpt.all_steps())
+    if cfg.train.init_from and not restore:
         state = train.init_from_hf(state, shardings, cfg, mesh)
-    if resume:
-        state, start = ckpt.restore(train.abstract_state(cfg, tx, mesh), train_it)
+    if restore:
+        state, start = ckpt.restore(train.abstract_state(cfg, tx, mesh), train_it,
+                                    on_skip=on_skip)
         state = state._replace(opt_state=optimizer_lib.with_config_lr(state.opt_state, cfg))
     return Session(mesh, train_it, state, start,
                    train.make_train_step(cfg, graphdef, tx, mesh, shardings, grad_hook),
-                   train.make_eval_step(cfg, graphdef, mesh, shardings), ckpt)
+                   train.make_eval_step(cfg, graphdef, mesh, shardings), ckpt, resume)
 
 
 def _scalars(m: dict[str, Any]) -> dict[str, float]:
@@ -112,9 +121,12 @@ class Reporter:
     checkpoint, so nothing is saved past an unchecked step)."""
 
     def __init__(self, cfg: Config, workdir: str, start: int, *, progress: bool,
-                 checkpoint_dir: str):
-        self.cfg, self.checkpoint_dir = cfg, checkpoint_dir
-        self.writer = metrics.MetricsWriter(workdir)
+                 ckpt: checkpoint.Checkpointer, resume: bool = False):
+        self.cfg, self.ckpt = cfg, ckpt
+        self.writer = metrics.MetricsWriter(workdir, resume_from=start if resume else None)
+        if self.writer.dropped:
+            print(f"resume: {self.writer.dropped} metric records after step {start} dropped "
+                  f"(those steps run again from the checkpoint)", file=sys.stderr)
         self.tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         self.flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = metrics.peak_flops_per_device(override=cfg.train.peak_flops)
@@ -151,9 +163,12 @@ class Reporter:
                                     jax.device_count())
         self._write(step, s, m["attn/max_logits"])
         if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
-            raise TrainingError(
-                f"{self.nonfinite_run} non-finite steps in a row (step {step}): stopping; the "
-                f"last good checkpoint in {self.checkpoint_dir} is intact")
+            self.ckpt.wait()
+            last = self.ckpt.latest_step()
+            kept = ("no checkpoint was written" if last is None else
+                    f"the last good checkpoint is step {last} in {self.ckpt.directory}")
+            raise TrainingError(f"{self.nonfinite_run} non-finite steps in a row (step {step}): "
+                                f"stopping; {kept}")
         return s
 
     def _write(self, step: int, s: dict[str, float], max_logits_LH) -> None:
@@ -187,34 +202,52 @@ def evaluate(cfg: Config, eval_fn, state, mesh) -> float:
 
 def run(cfg: Config, workdir: str, *, resume: bool = False, grad_hook=None,
         stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` in ``workdir``; returns a summary dict. ``stop_after`` ends the loop
-    after that many steps (as a preemption would) with a checkpoint."""
-    s = setup(cfg, workdir, resume=resume, grad_hook=grad_hook)
+    """Train ``cfg`` in ``workdir`` (locked for the run, k2jax.workdir_lock); returns a summary
+    dict. ``stop_after`` ends the loop after that many steps (as a preemption would) with
+    a checkpoint. SIGTERM / SIGINT do the same: the summary then says ``preempted``."""
+    with checkpoint.PreemptionGuard() as guard:
+        s = setup(cfg, workdir, resume=resume, grad_hook=grad_hook)
+        with workdir_lock.hold(workdir, create=True):
+            return train_loop(cfg, workdir, s, guard, stop_after=stop_after,
+                              progress=progress)
+
+
+def train_loop(cfg: Config, workdir: str, s: Session, guard: checkpoint.PreemptionGuard, *,
+               stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Steps ``s.start + 1 ..`` to ``train.steps`` (or ``stop_after`` more, or a signal on
+    ``guard``), each logged once; checkpoints on schedule, at the end and when stopped.
+    The caller holds the workdir's lock: this is where writing starts."""
     t = cfg.train
     end = t.steps if stop_after is None else min(t.steps, s.start + stop_after)
-    reporter = Reporter(cfg, workdir, s.start, progress=progress,
-                        checkpoint_dir=s.ckpt.directory)
+    if s.resume and jax.process_index() == 0:
+        for path in s.ckpt.set_aside(after=s.start):
+            print(f"resume: checkpoint newer than step {s.start} moved to {path}",
+                  file=sys.stderr)
+    reporter = Reporter(cfg, workdir, s.start, progress=progress, ckpt=s.ckpt, resume=s.resume)
     state, step = s.state, s.start
     try:
-        with checkpoint.PreemptionGuard() as guard:
-            for step in range(s.start + 1, end + 1):
-                state, m_dev = s.step_fn(state, train.global_batch(next(s.train_it), s.mesh))
-                reporter.push(step, m_dev)
-                if step % t.eval_every == 0 or step == t.steps:
-                    reporter.flush()
-                    if t.eval_batches:
-                        reporter.write_eval(step, evaluate(cfg, s.eval_fn, state, s.mesh))
-                at_end = step == end and (t.final_checkpoint or stop_after is not None)
-                if step % t.checkpoint_every == 0 or at_end or guard.requested:
-                    reporter.flush()
-                    if reporter.nonfinite_run == 0 or guard.requested:  # keep the last good one
-                        s.ckpt.save(step, state, s.train_it, force=True)
-                if guard.requested:
-                    break
-            reporter.flush()
+        for step in range(s.start + 1, end + 1):
+            state, m_dev = s.step_fn(state, train.global_batch(next(s.train_it), s.mesh))
+            reporter.push(step, m_dev)
+            s.ckpt.check()  # a failed async save (a full disk) stops the run here
+            if step % t.eval_every == 0 or step == t.steps:
+                reporter.flush()
+                if t.eval_batches:
+                    reporter.write_eval(step, evaluate(cfg, s.eval_fn, state, s.mesh))
+            at_end = step == end and (t.final_checkpoint or stop_after is not None)
+            if step % t.checkpoint_every == 0 or at_end or guard.requested:
+                reporter.flush()
+                if reporter.nonfinite_run == 0 or guard.requested:  # keep the last good one
+                    s.ckpt.save(step, state, s.train_it, force=True)
+            if guard.requested:
+                break
+        reporter.flush()
     finally:
-        s.ckpt.wait()
-        s.ckpt.close()
-        reporter.close()
+        try:
+            s.ckpt.wait()  # an async save's error (a full disk) surfaces here
+        finally:
+            s.ckpt.close()
+            reporter.close()
     return {"step": step, "last": reporter.last, "nonfinite_steps": reporter.nonfinite_total,
-            "config": dataclasses.asdict(cfg)}
+            "preempted": guard.requested and step < t.steps,
+            "checkpoint": s.ckpt.latest_step(), "config": dataclasses.asdict(cfg)}

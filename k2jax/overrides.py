@@ -78,5 +78,13 @@ def _parse(tp, text: str, key: str):
     except ValueError:
         raise ConfigError(f"{key}={text!r}: expected {getattr(inner, '__name__', inner)}") from None
     if dataclasses.is_dataclass(inner):
-        return config.from_dict(inner, json.loads(text), prefix=key + ".")
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError:
+            values = None
+        if not isinstance(values, dict):
+            first = dataclasses.fields(inner)[0].name
+            raise ConfigError(f"{key}={text!r}: expected a JSON object of its fields, or one "
+                              f"field at a time ({key}.{first}=...)")
+        return config.from_dict(inner, values, prefix=key + ".")
     raise ConfigError(f"{key}: cannot parse {text!r} as {inner}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -60,7 +61,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1,
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices not divisible by {known}")
+            raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs a device count "
+                             f"divisible by {known}, have {len(devices)}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
@@ -68,22 +70,38 @@ def make_mesh(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1,
     return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
+class ShardingWarning(UserWarning):
+    """A mesh axis left out of a parameter's sharding because it does not divide the
+    dimension it was meant for: every device along it holds that dimension whole."""
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules=None, *, name: str | None = None) -> P:
     """PartitionSpec for a leaf with logical ``axes``; a mesh axis that does not divide
-    its dimension, or is already used by an earlier dimension, is dropped (replicated)."""
+    its dimension, or is already used by an earlier dimension, is dropped (replicated).
+
+    Given the leaf's ``name`` (a parameter path), an axis of size > 1 dropped for not
+    dividing is reported as a :class:`ShardingWarning`: a silently replicated expert
+    stack costs memory the mesh was chosen to save. The warnings module shows each
+    distinct message once per process."""
     rules = RULES if rules is None else rules
     used: set[str] = set()
     spec = []
-    for name, dim in zip(axes, shape):
-        if name is not None and name not in rules:
-            raise KeyError(f"logical axis {name!r} has no sharding rule (add it to RULES)")
-        target = rules.get(name) if name is not None else None
+    for logical, dim in zip(axes, shape):
+        if logical is not None and logical not in rules:
+            raise KeyError(f"logical axis {logical!r} has no sharding rule (add it to RULES)")
+        target = rules.get(logical) if logical is not None else None
         targets = (target,) if isinstance(target, str) else tuple(target or ())
         keep = []
         for ax in targets:
             size = mesh.shape[ax]
-            if ax not in used and dim % (size * math.prod(mesh.shape[a] for a in keep)) == 0:
+            if ax in used:
+                continue
+            if dim % (size * math.prod(mesh.shape[a] for a in keep)) == 0:
                 keep.append(ax)
+            elif name is not None and size > 1:
+                warnings.warn(f"{name}: mesh.{ax}={size} does not divide its {logical!r} "
+                              f"dimension of {dim}; replicated over {ax!r}", ShardingWarning,
+                              stacklevel=2)
         used.update(keep)
         spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
     return P(*spec)
@@ -92,12 +110,14 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
 def variable_shardings(state: nnx.State, mesh: Mesh, rules=None):
     """NamedShardings for every variable of ``state`` from its ``axes`` metadata."""
 
-    def one(var):
+    def one(kp, var):
         axes = var.get_metadata().get("axes")
-        spec = P() if axes is None else logical_to_spec(axes, var.shape, mesh, rules)
+        spec = P() if axes is None else logical_to_spec(axes, var.shape, mesh, rules,
+                                                          name=path_str(kp))
         return var.replace(NamedSharding(mesh, spec))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def mirrored_shardings(tree, like, like_shardings, mesh: Mesh):

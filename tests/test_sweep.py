@@ -272,10 +272,10 @@ def test_a_divergence_stop_is_retried_from_its_checkpoint_and_recorded(tmp_path)
     assert row["diverged"] and row["steps"] >= 2
 
 
-def _fake_train(tmp_path, monkeypatch, stop_first_at: int):
+def _fake_train(tmp_path, monkeypatch, stop_first_at: int, rc: int = 0):
     """``execute`` with experiments.train replaced by a script that writes config.json,
-    a checkpoint and metrics up to ``stop_first_at`` (exit 0, as a preemption stop does),
-    then, resumed, to the end (4 steps)."""
+    a checkpoint and metrics up to ``stop_first_at`` (exit ``rc``; 75: preempted), then,
+    resumed, to the end (4 steps; exit 0)."""
     script = (
         "import json, os, sys\n"
         "d = sys.argv[sys.argv.index('--workdir') + 1]\n"
@@ -285,7 +285,8 @@ def _fake_train(tmp_path, monkeypatch, stop_first_at: int):
         f"last = 4 if resume else {stop_first_at}\n"
         "with open(os.path.join(d, 'metrics.jsonl'), 'a') as f:\n"
         "    for s in range(1, last + 1):\n"
-        "        f.write(json.dumps({'step': s, 'train/loss': 1.0}) + '\\n')\n")
+        "        f.write(json.dumps({'step': s, 'train/loss': 1.0}) + '\\n')\n"
+        f"sys.exit(0 if resume else {rc})\n")
     monkeypatch.setattr(sweep_member, "command", lambda job, resume, python="python": [
         sys.executable, "-c", script, "--workdir", sweep_member._paths(job)[0],
         *(["--resume"] if resume else [])])
@@ -313,6 +314,20 @@ def test_a_preempted_member_is_resumed_not_counted_finished(tmp_path, monkeypatc
     again = sweep_member.execute(job)
     assert again["status"] == "ok" and len(os.listdir(tmp_path / "logs")) == 3
     assert not [n for n in os.listdir(tmp_path) if ".failed-" in n]
+
+
+def test_exit_75_is_preempted_resumed_and_never_failed(tmp_path, monkeypatch):
+    job = _fake_train(tmp_path, monkeypatch, stop_first_at=2, rc=sweep_member.PREEMPTED)
+    status = sweep_member.execute(job)  # preempted, then resumed to the end
+    assert status["status"] == "ok" and status["attempts"] == 2, status
+    assert [r["step"] for r in sweeps.train_rows(tmp_path / "m-0")] == [1, 2, 3, 4]
+    job = _fake_train(tmp_path / "stopping", monkeypatch, stop_first_at=2,
+                      rc=sweep_member.PREEMPTED)
+    monkeypatch.setattr(sweep_member, "STOP", type("Stop", (), {  # stopped once it ran
+        "is_set": lambda self: bool(os.listdir(tmp_path / "stopping" / "logs"))})())
+    status = sweep_member.execute(job)
+    assert status["status"] == "preempted" and status["attempts"] == 1, status
+    assert status["error"] == "preempted: stopped at step 2 of 4"
 
 
 def test_an_error_inside_execute_is_that_members_failure(tmp_path, monkeypatch):

@@ -48,6 +48,8 @@ def expand(patterns: tuple[str, ...]) -> list[tuple[str, str]]:
                 raise DataError(f"{pattern}: glob matched no files")
         elif os.path.isfile(pattern):
             found = [pattern]
+        elif os.path.isdir(pattern):
+            raise DataError(f"{pattern}: is a directory; name files or a glob, e.g. {pattern}/*")
         else:
             raise DataError(f"{pattern}: no such file")
         out.extend((p, p) for p in found)

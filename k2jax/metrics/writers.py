@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from typing import Any
 
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from k2jax import atomic
 
 # Every scalar tag the training loop writes ("XX" = two-digit index, see layer_tag).
 DOCUMENTED_TAGS: dict[str, str] = {
@@ -55,16 +58,26 @@ class MetricsWriter:
     ``NaN`` / ``Infinity`` / ``-Infinity`` tokens (not strict JSON, but ``json.loads``
     reads them back exactly: a NaN loss is what must survive). Append mode, flushed
     per line: a resumed run appends, a crash loses at most the line being written.
-    A resumed run may repeat steps after its last checkpoint; keep the last.
+
+    ``resume_from=S`` (a run resumed from step S's checkpoint) first drops the records of
+    steps after S from every ``*.jsonl`` here and tells TensorBoard to purge its events
+    from step S+1 (``purge_step``): the resumed run writes those steps again, so each step
+    appears once however often the run is interrupted. ``dropped`` counts the records.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None,
+                 resume_from: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = os.fspath(workdir)
         self._jsonl = self._tb = None
+        self.dropped = 0
         if not self.enabled:
             return
         os.makedirs(self.workdir, exist_ok=True)
+        if resume_from is not None:
+            self.dropped = sum(_drop_after(os.path.join(self.workdir, name), resume_from)
+                               for name in sorted(os.listdir(self.workdir))
+                               if name.endswith(".jsonl"))
         path = os.path.join(self.workdir, "metrics.jsonl")
         self._jsonl = open(path, "a", buffering=1, encoding="utf-8")
         if self._jsonl.tell() > 0:  # a crash may have cut the last line short
@@ -72,7 +85,9 @@ class MetricsWriter:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     self._jsonl.write("\n")
-        self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"))
+        self._tb = SummaryWriter(  # a unique file: tensorboardX names it by the second
+            logdir=os.path.join(self.workdir, "tb"), filename_suffix=f".{time.time_ns()}",
+            purge_step=None if resume_from is None else resume_from + 1)
         self._arrays: dict[str, Any] = {}
 
     def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
@@ -153,6 +168,23 @@ class MetricsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _drop_after(path: str, step: int) -> int:
+    """Rewrite ``path`` (atomically) without the records of steps after ``step`` (and
+    without lines a crash cut short); returns how many records were dropped."""
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", step) <= step:
+                keep.append(ln if ln.endswith("\n") else ln + "\n")
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    if len(keep) < len(lines):
+        atomic.write_text(path, "".join(keep))
+    return len(lines) - len(keep)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
