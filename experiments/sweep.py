@@ -14,8 +14,9 @@ retried once: from its last checkpoint if it has one, else afresh with the faile
 attempt's directory kept beside it as ``NAME-HASH.failed-K``. The other members
 finish regardless; the exit status is 1 when any member failed, and a re-run tries
 the failed ones again. A member stopped by a signal (experiments.train saves a checkpoint
-and exits 75, "preempted") is recorded as ``preempted``, not failed: a re-run resumes it,
-and the sweep exits 75 when members were preempted and none failed. Ctrl-C or SIGTERM
+and exits 75, "preempted") is resumed at once while the sweep runs (its retry); one still
+stopped at the end is recorded as ``preempted``, not failed, a re-run resumes it, and the
+sweep exits 75 when members were preempted and none failed. Ctrl-C or SIGTERM
 stops the sweep: no new attempt starts, running members get SIGTERM (they
 checkpoint and exit), and the next invocation picks up where it stopped.
 

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import warnings
 
@@ -117,8 +118,8 @@ def write_config(cfg: Config, workdir: str, resume: bool) -> None:
         if old == text:
             return
         n = sum(1 for name in os.listdir(workdir) if name.startswith("config.before-resume"))
-        os.replace(path, os.path.join(workdir, f"config.before-resume-{n}.json"))
-    atomic.write_text(path, text)
+        shutil.copy2(path, os.path.join(workdir, f"config.before-resume-{n}.json"))
+    atomic.write_text(path, text)  # a kill at any moment leaves a config.json
 
 
 def check_resume(stored: Config, cfg: Config, start: int, stretch: bool) -> str:
@@ -190,9 +191,22 @@ def main(argv=None) -> int:
         _fail(str(e))
     loop.enable_compilation_cache()
     quiet_save_threads()
+    try:
+        return _train(args, cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C: no save
+        print("error: interrupted (a second Ctrl-C); the workdir keeps its last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+def _train(args, cfg: Config) -> int:
     with contextlib.ExitStack() as stack:
         guard = stack.enter_context(PreemptionGuard())  # Ctrl-C from here saves
         s = _start(args, cfg, stack)
+        if guard.requested:  # signalled while setting up: stop before writing anything
+            print("preempted before the first step: nothing written; run the same command "
+                  "again", file=sys.stderr)
+            return loop.PREEMPTED
         if s.start >= cfg.train.steps:
             print(f"nothing to do: {args.workdir} is at step {s.start} of {cfg.train.steps}")
             return 0

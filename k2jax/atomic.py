@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 
@@ -38,14 +39,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def occupied(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot become a new output directory (it is a file, or a directory
-    with something in it), or None when it is absent or empty (a lone ``.lock``, the
-    note a killed run's workdir lock leaves (k2jax.workdir_lock), counts as empty)."""
+    with something in it), or None when it is absent or empty. What a killed run leaves
+    before its first real file counts as empty: the ``.lock`` note of its workdir lock
+    (k2jax.workdir_lock) and the temporary file of a :func:`file` write (``*.tmpPID*``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         return None
     if not os.path.isdir(path):
         return f"{path} exists and is not a directory"
-    if set(os.listdir(path)) - {".lock"}:
+    leftovers = {n for n in os.listdir(path) if n == ".lock" or re.search(r"\.tmp\d+", n)}
+    if set(os.listdir(path)) - leftovers:
         return f"{path} is not empty"
     return None
 

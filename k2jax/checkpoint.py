@@ -87,33 +87,34 @@ def _check_fits(stored, abstract, where: str) -> None:
                                f"checkpoint but {w.dtype}{list(w.shape)} was requested")
 
 
+_QUIET = []  # quiet_save_threads ran (it installs process-wide hooks once)
+
+
 def quiet_save_threads() -> None:
-    """Keep orbax's background saves from printing their tracebacks (a full disk gave
-    dozens to thousands, racing with the exit): the same error reaches the training
+    """Keep orbax's background saves from printing their failures (a full disk gave 25 to
+    3,300 lines of tracebacks, racing with the exit): the same error reaches the training
     loop as a one-line CheckpointError (:meth:`Checkpointer.check`, ``wait``, ``save``).
-    Silenced: exceptions in threads running orbax code, ERROR records of the absl and
-    asyncio loggers about orbax, and tensorstore's callbacks into orbax's closed event
-    loop. Everything else keeps the default hooks."""
+    Silenced: uncaught exceptions in threads running orbax code, the absl / asyncio error
+    records that report such an exception, and tensorstore's callbacks into orbax's closed
+    event loop (``sys.unraisablehook``). Main-thread errors and other records print."""
+    if _QUIET:
+        return
+    _QUIET.append(True)
+
     def from_orbax(tb) -> bool:
         return any("orbax" in f.filename for f in traceback.extract_tb(tb))
 
-    thread_hook, main_hook = threading.excepthook, sys.excepthook
+    thread_hook, raw_hook = threading.excepthook, sys.unraisablehook
     threading.excepthook = lambda a: None if from_orbax(a.exc_traceback) else thread_hook(a)
-
-    def hook(kind, value, tb) -> None:
-        closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-        if not (closed or from_orbax(tb)):
-            main_hook(kind, value, tb)
-    sys.excepthook = hook
-    raw = sys.unraisablehook
     sys.unraisablehook = lambda u: None if (
         isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
-        or from_orbax(u.exc_traceback)) else raw(u)
+        or from_orbax(u.exc_traceback)) else raw_hook(u)
 
     def keep(r: logging.LogRecord) -> bool:
-        about = "orbax" in r.pathname or "orbax" in r.getMessage() or (
-            r.exc_info is not None and from_orbax(r.exc_info[2]))
-        return r.levelno < logging.ERROR or not about
+        msg = r.getMessage()
+        reports = "raised an exception" in msg or "exception was never retrieved" in msg
+        about = "orbax" in r.pathname or "orbax" in msg
+        return r.levelno < logging.ERROR or not (reports and about)
     for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(keep)
 
@@ -195,7 +196,7 @@ class Checkpointer:
         for s in reversed(steps):
             try:
                 return self._restore(s, abstract_state, data_iterator), s
-            except Incompatible:
+            except (Incompatible, MemoryError):  # not corruption: skipping would lose work
                 raise
             except Exception as e:  # noqa: BLE001  (any failure to read a step means: skip it)
                 why[s] = _one_line(e)

@@ -235,11 +235,12 @@ def train_loop(cfg: Config, workdir: str, s: Session, guard: checkpoint.Preempti
                 if t.eval_batches:
                     reporter.write_eval(step, evaluate(cfg, s.eval_fn, state, s.mesh))
             at_end = step == end and (t.final_checkpoint or stop_after is not None)
-            if step % t.checkpoint_every == 0 or at_end or guard.requested:
+            stop = guard.requested  # read once: a signal between two reads would skip the save
+            if step % t.checkpoint_every == 0 or at_end or stop:
                 reporter.flush()
-                if reporter.nonfinite_run == 0 or guard.requested:  # keep the last good one
+                if reporter.nonfinite_run == 0 or stop:  # keep the last good one
                     s.ckpt.save(step, state, s.train_it, force=True)
-            if guard.requested:
+            if stop:
                 break
         reporter.flush()
     finally:
@@ -249,5 +250,5 @@ def train_loop(cfg: Config, workdir: str, s: Session, guard: checkpoint.Preempti
             s.ckpt.close()
             reporter.close()
     return {"step": step, "last": reporter.last, "nonfinite_steps": reporter.nonfinite_total,
-            "preempted": guard.requested and step < t.steps,
+            "preempted": guard.requested and step < t.steps and s.ckpt.latest_step() == step,
             "checkpoint": s.ckpt.latest_step(), "config": dataclasses.asdict(cfg)}

@@ -14,6 +14,7 @@ import datetime
 import fcntl
 import os
 import socket
+import sys
 
 from k2jax import atomic
 
@@ -38,6 +39,9 @@ def hold(path: str | os.PathLike, *, create: bool = False):
         except BlockingIOError:
             raise Busy(f"--workdir {path} is in use by {holder(path)}; wait for it to "
                        f"finish or stop it") from None
+        except OSError as e:  # no flock here (NFS refuses it on a directory, Lustre may)
+            print(f"warning: --workdir {path}: cannot lock it ({e.strerror}); nothing "
+                  f"stops a second run from using it", file=sys.stderr)
         note = os.path.join(path, NOTE)
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         atomic.write_text(note, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")

@@ -102,7 +102,7 @@ def _crash_and_compare(tmp_path, kills: int, seed: int):
         killed += _kill_at(p, crashed, when, rng)
         if p.returncode == 0:  # it finished before the kill: nothing left to interrupt
             break
-    assert killed >= max(1, kills // 2), f"only {killed} of {kills} kills hit a running process"
+    assert killed >= 2, f"only {killed} of {kills} kills hit a running process"
     _finish(crashed)
     a, b = read_jsonl(ref / "metrics.jsonl"), read_jsonl(crashed / "metrics.jsonl")
     steps = [r["step"] for r in b if "train/loss" in r]

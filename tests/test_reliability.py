@@ -98,7 +98,8 @@ def _truncate(step_dir):
 def _garble(step_dir):
     path = _largest_file(step_dir)
     data = bytearray(open(path, "rb").read())
-    data[len(data) // 4: len(data) // 2] = os.urandom(len(data) // 2 - len(data) // 4)
+    noise = np.random.default_rng(0).integers(0, 256, len(data) // 2 - len(data) // 4)
+    data[len(data) // 4: len(data) // 2] = noise.astype(np.uint8).tobytes()
     open(path, "wb").write(bytes(data))
 
 
@@ -203,6 +204,7 @@ def test_a_signal_saves_and_exits_preempted(tmp_path, signum):
     deadline = time.time() + 120
     while not (d / "config.json").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert (d / "config.json").exists(), p.communicate()[1][-2000:]  # set up, guard installed
     p.send_signal(signum)
     out, err = p.communicate(timeout=300)
     assert p.returncode == loop.PREEMPTED, err
@@ -228,6 +230,19 @@ def test_a_full_disk_is_one_line_at_the_failing_save(tmp_path):
     assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
     assert lines[0].startswith("error: saving a checkpoint in") and "File too large" in lines[0]
     assert train_steps(d)[-1] <= 20
+
+
+def test_a_signal_while_setting_up_stops_before_writing(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "run"
+    setup = train_cli.loop.setup
+
+    def signalled_setup(*args, **kwargs):  # SIGTERM arrives while the run is being set up
+        os.kill(os.getpid(), signal.SIGTERM)
+        return setup(*args, **kwargs)
+    monkeypatch.setattr(train_cli.loop, "setup", signalled_setup)
+    rc, err = cli(d, *RUN, capsys=capsys)
+    assert rc == loop.PREEMPTED and len(err) == 1 and "nothing written" in err[0], err
+    assert not os.path.exists(d / "config.json") and os.listdir(d) == []
 
 
 def test_a_nonfinite_stop_says_no_checkpoint_was_written(tmp_path, capsys):
@@ -293,13 +308,18 @@ def test_resumed_writer_drops_later_steps_and_purges_tensorboard(tmp_path):
         for step in range(1, 7):
             w.write_scalars(step, {"train/loss": float(step)})
             w.write_array(step, "max_logits", np.ones((1, 2)))
+    with open(tmp_path / "max_logits.jsonl", "a") as f:
+        f.write('{"step": 7, "val')  # a line a kill cut short
+    (tmp_path / "mine.jsonl").write_text('{"step": 9}\n')  # not the writer's: untouched
     with MetricsWriter(tmp_path, resume_from=4) as w:
-        assert w.dropped == 4  # steps 5, 6 in two files
+        assert w.dropped == 5  # steps 5, 6 in two files, and the cut line
+        w.write_array(5, "max_logits", np.ones((1, 2)))
         for step in (5, 6):
             w.write_scalars(step, {"train/loss": 10.0 * step})
     rs = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rs] == [1, 2, 3, 4, 5, 6] and rs[-1]["train/loss"] == 60.0
-    assert [r["step"] for r in read_jsonl(tmp_path / "max_logits.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_jsonl(tmp_path / "max_logits.jsonl")] == [1, 2, 3, 4, 5]
+    assert (tmp_path / "mine.jsonl").read_text() == '{"step": 9}\n'
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     events = acc.Scalars("train/loss")

@@ -60,10 +60,13 @@ class MetricsWriter:
     per line: a resumed run appends, a crash loses at most the line being written.
 
     ``resume_from=S`` (a run resumed from step S's checkpoint) first drops the records of
-    steps after S from every ``*.jsonl`` here and tells TensorBoard to purge its events
+    steps after S from :attr:`RECORDS` (``metrics.jsonl`` and the loop's
+    ``max_logits.jsonl``) and tells TensorBoard to purge its events
     from step S+1 (``purge_step``): the resumed run writes those steps again, so each step
     appears once however often the run is interrupted. ``dropped`` counts the records.
     """
+
+    RECORDS = ("metrics.jsonl", "max_logits.jsonl")  # the step records a resume trims
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None,
                  resume_from: int | None = None):
@@ -75,16 +78,9 @@ class MetricsWriter:
             return
         os.makedirs(self.workdir, exist_ok=True)
         if resume_from is not None:
-            self.dropped = sum(_drop_after(os.path.join(self.workdir, name), resume_from)
-                               for name in sorted(os.listdir(self.workdir))
-                               if name.endswith(".jsonl"))
-        path = os.path.join(self.workdir, "metrics.jsonl")
-        self._jsonl = open(path, "a", buffering=1, encoding="utf-8")
-        if self._jsonl.tell() > 0:  # a crash may have cut the last line short
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    self._jsonl.write("\n")
+            self.dropped = sum(_drop_after(path, resume_from) for name in self.RECORDS
+                               if os.path.isfile(path := os.path.join(self.workdir, name)))
+        self._jsonl = _open_append(os.path.join(self.workdir, "metrics.jsonl"))
         self._tb = SummaryWriter(  # a unique file: tensorboardX names it by the second
             logdir=os.path.join(self.workdir, "tb"), filename_suffix=f".{time.time_ns()}",
             purge_step=None if resume_from is None else resume_from + 1)
@@ -145,8 +141,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         if name not in self._arrays:
-            self._arrays[name] = open(os.path.join(self.workdir, f"{name}.jsonl"), "a",
-                                      buffering=1, encoding="utf-8")
+            self._arrays[name] = _open_append(os.path.join(self.workdir, f"{name}.jsonl"))
         value = np.asarray(array, np.float64).tolist()
         self._arrays[name].write(json.dumps({"step": int(step), "value": value}) + "\n")
 
@@ -170,6 +165,18 @@ class MetricsWriter:
         self.close()
 
 
+def _open_append(path: str):
+    """``path`` opened to append lines; a last line a crash cut short is ended first, so
+    the next record starts on its own line."""
+    f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115  (the writer owns it)
+    if f.tell() > 0:
+        with open(path, "rb") as r:
+            r.seek(-1, os.SEEK_END)
+            if r.read(1) != b"\n":
+                f.write("\n")
+    return f
+
+
 def _drop_after(path: str, step: int) -> int:
     """Rewrite ``path`` (atomically) without the records of steps after ``step`` (and
     without lines a crash cut short); returns how many records were dropped."""
@@ -178,11 +185,12 @@ def _drop_after(path: str, step: int) -> int:
     keep = []
     for ln in lines:
         try:
-            if json.loads(ln).get("step", step) <= step:
-                keep.append(ln if ln.endswith("\n") else ln + "\n")
+            s = json.loads(ln).get("step", step)
         except (json.JSONDecodeError, AttributeError):
-            pass
-    if len(keep) < len(lines):
+            continue  # cut short by a crash
+        if not isinstance(s, int) or s <= step:
+            keep.append(ln if ln.endswith("\n") else ln + "\n")
+    if keep != lines:
         atomic.write_text(path, "".join(keep))
     return len(lines) - len(keep)
 
