@@ -94,9 +94,10 @@ def quiet_save_threads() -> None:
     """Keep orbax's background saves from printing their failures (a full disk gave 25 to
     3,300 lines of tracebacks, racing with the exit): the same error reaches the training
     loop as a one-line CheckpointError (:meth:`Checkpointer.check`, ``wait``, ``save``).
-    Silenced: uncaught exceptions in threads running orbax code, the absl / asyncio error
-    records that report such an exception, and tensorstore's callbacks into orbax's closed
-    event loop (``sys.unraisablehook``). Main-thread errors and other records print."""
+    Silenced: uncaught exceptions in threads running orbax code, orbax's absl / asyncio
+    error records that report a failure (with a traceback, or saying exception / failed),
+    and tensorstore's callbacks into orbax's closed event loop (``sys.unraisablehook``).
+    Main-thread errors and other records print."""
     if _QUIET:
         return
     _QUIET.append(True)
@@ -112,7 +113,8 @@ def quiet_save_threads() -> None:
 
     def keep(r: logging.LogRecord) -> bool:
         msg = r.getMessage()
-        reports = "raised an exception" in msg or "exception was never retrieved" in msg
+        reports = r.exc_info is not None or any(
+            w in msg.lower() for w in ("exception", "failed", "background", "traceback"))
         about = "orbax" in r.pathname or "orbax" in msg
         return r.levelno < logging.ERROR or not (reports and about)
     for name in ("absl", "asyncio"):
