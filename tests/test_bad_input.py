@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from tiny_runs import BASE
+from tiny_runs import BASE, snapshot
 
 from experiments import train as train_cli
 from k2jax import config, preflight, presets, sharding, workdir_lock
@@ -324,19 +323,6 @@ def make_inputs(folder: Path) -> None:
     with open(folder / "truncated.bin", "r+b") as f:
         f.truncate(os.path.getsize(folder / "truncated.bin") - 10)
     (folder / "stub.bin").write_bytes(bytes(100))
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """{path: sha256 of its bytes, or "dir"} for everything under ``root``."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
-        for f in filenames:
-            path = os.path.join(dirpath, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def _setup(case: Case, tmp: Path) -> list[str]:

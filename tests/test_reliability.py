@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny_runs import BASE, deterministic
+from tiny_runs import BASE, deterministic, snapshot
 
 from experiments import train as train_cli
 from k2jax import loop, workdir_lock
@@ -47,17 +47,6 @@ def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("reference") / "run"
     assert cli(d, *RUN)[0] == 0
     return rows(d)
-
-
-def tree_hashes(root):
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                out[os.path.relpath(os.path.join(dirpath, name), root)] = hash(f.read())
-    return out
 
 
 # --- never a stuck workdir ----------------------------------------------------------
@@ -146,13 +135,13 @@ def test_no_checkpoint_restores_is_one_line_and_changes_nothing(tmp_path, stoppe
     subprocess.run(["cp", "-a", str(stopped_at_6), str(d)], check=True)
     for step in ("2", "4", "6"):
         _truncate(d / "checkpoints" / step)
-    before = tree_hashes(d)
+    before = snapshot(d)
     rc, err = cli(d, "--resume", "--no-progress", capsys=capsys)
     assert rc == 2
     errors = [ln for ln in err if ln.startswith("error:")]
     assert len(errors) == 1 and "none of the 3 checkpoints" in errors[0], err
     assert len([ln for ln in err if "skipped" in ln]) == 3
-    assert tree_hashes(d) == before
+    assert snapshot(d) == before
 
 
 # --- the workdir lock -------------------------------------------------------------------
@@ -161,12 +150,12 @@ def test_no_checkpoint_restores_is_one_line_and_changes_nothing(tmp_path, stoppe
 def test_a_busy_workdir_is_refused_naming_its_holder(tmp_path, stopped_at_6, capsys):
     d = tmp_path / "run"
     subprocess.run(["cp", "-a", str(stopped_at_6), str(d)], check=True)
-    before = tree_hashes(d)
+    before = snapshot(d)
     with workdir_lock.hold(d):
         rc, err = cli(d, "--resume", "--no-progress", capsys=capsys)
-        assert tree_hashes(d) == {**before, ".lock": tree_hashes(d)[".lock"]}
+        assert snapshot(d) == {**before, ".lock": snapshot(d)[".lock"]}
     assert rc == 2 and len(err) == 1 and f"pid {os.getpid()}" in err[0], err
-    assert tree_hashes(d) == before  # the holder's note went with it
+    assert snapshot(d) == before  # the holder's note went with it
 
 
 def test_a_killed_holder_leaves_no_lock(tmp_path):
@@ -264,9 +253,9 @@ def test_resume_with_nothing_left_to_do_writes_nothing(tmp_path, stopped_at_6, c
     d = tmp_path / "run"
     subprocess.run(["cp", "-a", str(stopped_at_6), str(d)], check=True)
     assert cli(d, "--resume", "--no-progress", capsys=capsys)[0] == 0  # to the end: step 8
-    before = tree_hashes(d)
+    before = snapshot(d)
     rc, err = cli(d, "--resume", "--no-progress", capsys=capsys)
-    assert rc == 0 and err == [] and tree_hashes(d) == before
+    assert rc == 0 and err == [] and snapshot(d) == before
     assert "nothing to do" in cli.out and "loss" not in cli.out
 
 
@@ -275,11 +264,11 @@ def test_moving_the_schedule_horizon_needs_stretch(tmp_path, stopped_at_6, capsy
     d = tmp_path / "run"
     subprocess.run(["cp", "-a", str(stopped_at_6), str(d)], check=True)
     assert json.loads((d / "config.json").read_text())["optimizer"]["schedule"] == "cosine"
-    before = tree_hashes(d)
+    before = snapshot(d)
     for bad in (["train.steps=16"], ["train.steps=4"]):  # stretched; below the checkpoint
         rc, err = cli(d, "--resume", "--no-progress", *bad, capsys=capsys)
         assert rc == 2 and len(err) == 1, err
-        assert tree_hashes(d) == before
+        assert snapshot(d) == before
     assert "--stretch-schedule" in cli(d, "--resume", "--no-progress", "train.steps=16",
                                        capsys=capsys)[1][0]
     rc, err = cli(d, "--resume", "--no-progress", "train.steps=10", "--stretch-schedule",

@@ -1,5 +1,6 @@
 """Tiny training runs shared by the tests of the step, the loop and the CLI; the notebook runner."""
 
+import hashlib
 import os
 
 from k2jax import presets
@@ -23,6 +24,19 @@ def losses(workdir, key="train/loss"):
 def deterministic(rows):
     """metrics.jsonl rows without the wall-clock ``perf/*`` entries."""
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def snapshot(root) -> dict[str, str]:
+    """{path: sha256 of its bytes, or "dir"} for everything under ``root``."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
